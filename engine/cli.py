@@ -1,0 +1,202 @@
+"""The command line: `python -m engine train|evaluate|predict|runs|backbones`.
+
+A thin adapter over the engine. Bad input exits with status 2 and one line
+`error: ...` on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Keep TensorFlow's C++ start-up chatter out of the terminal; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from engine.config import RunConfig, set_dotted  # noqa: E402
+
+# CLI flag → dotted config name. Each flag overrides the config file's value.
+TRAIN_FLAGS = {
+    "name": "name",
+    "data": "data.path",
+    "validation_fraction": "data.validation_fraction",
+    "test_fraction": "data.test_fraction",
+    "split_seed": "data.split_seed",
+    "subset_fraction": "data.subset_fraction",
+    "cache": "data.cache",
+    "backbone": "model.backbone",
+    "alpha": "model.alpha",
+    "weights": "model.weights",
+    "image_size": "model.image_size",
+    "dropout": "model.dropout",
+    "hidden_units": "model.hidden_units",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "optimizer": "training.optimizer",
+    "learning_rate": "training.learning_rate",
+    "seed": "training.seed",
+    "class_weight": "training.class_weight",
+    "fine_tune_layers": "fine_tuning.layers",
+    "fine_tune_epochs": "fine_tuning.epochs",
+    "fine_tune_learning_rate": "fine_tuning.learning_rate",
+}
+
+
+class CommandError(Exception):
+    """A user error to print on one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Transfer Studio engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a classifier on a folder of class subfolders")
+    train.add_argument("--config", help="a JSON or YAML config file (see configs/)")
+    train.add_argument("--runs-dir", help="where run folders go (default $TRANSFER_STUDIO_RUNS or ./runs)")
+    for flag in TRAIN_FLAGS:
+        train.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
+    train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
+    train.add_argument("--quiet", action="store_true", help="print only the run folder")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on another folder")
+    evaluate.add_argument("--run", required=True, help="run folder or run id")
+    evaluate.add_argument("--data", required=True, help="folder of class subfolders")
+    evaluate.add_argument("--runs-dir")
+
+    predict = commands.add_parser("predict", help="predict the class of image files")
+    predict.add_argument("--run", required=True, help="run folder or run id")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--runs-dir")
+    predict.add_argument("images", nargs="+", help="image files")
+
+    runs = commands.add_parser("runs", help="list the runs")
+    runs.add_argument("--runs-dir")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    backbones = commands.add_parser("backbones", help="list backbones and whether their weights are offline")
+    backbones.add_argument("--json", action="store_true")
+    return parser
+
+
+def config_from_arguments(arguments) -> RunConfig:
+    """Builds the run config: defaults, then the config file, then flags, then --set."""
+    data = RunConfig.load(arguments.config).to_dict() if arguments.config else RunConfig().to_dict()
+    for flag, dotted in TRAIN_FLAGS.items():
+        value = getattr(arguments, flag)
+        if value is not None:
+            set_dotted(data, dotted, value)
+    for assignment in arguments.set:
+        if "=" not in assignment:
+            raise CommandError(f"--set takes NAME=VALUE; received {assignment!r}.")
+        name, value = assignment.split("=", 1)
+        set_dotted(data, name.strip(), _parse_value(value))
+    config = RunConfig.from_dict(data)
+    if not config.data.path:
+        raise CommandError("No data folder: give --data DIR or data.path in the config file.")
+    return config
+
+
+def _parse_value(text: str):
+    """Reads a --set value as JSON when it is JSON (numbers, true/false, null), else as text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def command_train(arguments) -> int:
+    from engine.runs import create_run
+    from engine.train import run_training
+
+    config = config_from_arguments(arguments)
+    if not Path(config.data.path).expanduser().is_dir():
+        raise CommandError(f"Data folder {config.data.path!r} does not exist or is not a folder.")
+    run_dir = create_run(config, arguments.runs_dir)
+    print(run_dir, flush=True)
+    echo = None if arguments.quiet else sys.stderr
+    state = run_training(run_dir, echo=echo)
+    if state == "failed":
+        from engine.runs import read_status
+
+        raise CommandError(f"Run failed: {read_status(run_dir).get('message')} (details in {run_dir}/worker.log)")
+    return 0
+
+
+def command_evaluate(arguments) -> int:
+    from engine.evaluate import evaluate_folder
+    from engine.runs import resolve_run
+
+    run_dir = resolve_run(arguments.run, arguments.runs_dir)
+    if not Path(arguments.data).is_dir():
+        raise CommandError(f"Data folder {arguments.data!r} does not exist or is not a folder.")
+    print(json.dumps(evaluate_folder(run_dir, arguments.data), indent=2))
+    return 0
+
+
+def command_predict(arguments) -> int:
+    from engine.predict import predict_images
+    from engine.runs import resolve_run
+
+    run_dir = resolve_run(arguments.run, arguments.runs_dir)
+    missing = [path for path in arguments.images if not os.path.isfile(path)]
+    if missing:
+        raise CommandError(f"Image file {missing[0]!r} does not exist.")
+    print(json.dumps(predict_images(run_dir, arguments.images, arguments.top_k), indent=2))
+    return 0
+
+
+def command_runs(arguments) -> int:
+    from engine.runs import list_runs
+
+    runs = list_runs(arguments.runs_dir)
+    if arguments.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print("No runs yet.")
+        return 0
+    header = f"{'run':<44} {'state':<9} {'phase':<32} {'epoch':>7} {'best val acc':>12}"
+    print(header)
+    for run in runs:
+        epoch = f"{run['epoch'] or '-'}/{run['epochs'] or '-'}"
+        best = "-" if run["best_val_accuracy"] is None else f"{run['best_val_accuracy']:.4f}"
+        print(f"{run['run_id']:<44} {run['state']:<9} {str(run['phase'] or '-')[:32]:<32} {epoch:>7} {best:>12}")
+    return 0
+
+
+def command_backbones(arguments) -> int:
+    from engine.backbones import weights_status
+
+    report = weights_status()
+    if arguments.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for row in report:
+        where = "offline" if row["available"] else f"missing {row['weights_file']} in {row['folder']}"
+        print(f"{row['name']:<18} {row['default_image_size']:>4}px  {where}")
+    return 0
+
+
+COMMANDS = {
+    "train": command_train,
+    "evaluate": command_evaluate,
+    "predict": command_predict,
+    "runs": command_runs,
+    "backbones": command_backbones,
+}
+
+
+def main(argv=None) -> int:
+    """Runs one CLI command; returns the process exit status."""
+    arguments = build_parser().parse_args(argv)
+    from engine.backbones import WeightsUnavailableError
+
+    try:
+        return COMMANDS[arguments.command](arguments)
+    except (CommandError, ValueError, WeightsUnavailableError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2

@@ -1,0 +1,164 @@
+"""Checking and decoding single image files with Pillow.
+
+Decoding goes by the file's content, not its extension; EXIF orientation is applied;
+grayscale, RGBA, palette, 16-bit and CMYK images come out as 8-bit RGB.
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Extensions we look at; anything else in a class folder is ignored and counted.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# Pillow format names we decode. MPO is the multi-picture JPEG some cameras write.
+SUPPORTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp"}
+# Smaller images carry too little to learn from; they are excluded with a reason.
+MIN_SIDE_PIXELS = 4
+
+
+@dataclass
+class ImageCheck:
+    """The result of checking one file: either a usable image (ok) or a reason to exclude it."""
+
+    ok: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    note: str = ""
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files (`.DS_Store`, macOS `._*` resource forks) are never images of the dataset."""
+    return name.startswith(".")
+
+
+def has_image_extension(name: str) -> bool:
+    """True when the name ends in one of IMAGE_EXTENSIONS, in any letter case."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_image(path: str) -> ImageCheck:
+    """Fully decodes a file to decide whether it can be trained on.
+
+    Never raises for bad content: every failure becomes a reason.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        return ImageCheck(False, f"unreadable: {error.strerror or error}")
+    if size == 0:
+        return ImageCheck(False, "zero bytes: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return _check_open_image(path, image)
+    except UnidentifiedImageError:
+        return ImageCheck(False, "not an image: the content is not a recognised image format")
+    except Image.DecompressionBombError as error:
+        return ImageCheck(False, f"too large: {error}")
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError,
+            RuntimeError, MemoryError, struct.error) as error:
+        return ImageCheck(False, _reason_for(error))
+
+
+def _reason_for(error: BaseException) -> str:
+    message = str(error).lower()
+    if "truncated" in message or "broken data stream" in message or "premature end" in message:
+        return "truncated: the file ends before the image data does"
+    return f"unreadable: {_short(error)}"
+
+
+def _short(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _check_open_image(path: str, image: Image.Image) -> ImageCheck:
+    image_format = image.format or ""
+    width, height = image.size
+    if image_format not in SUPPORTED_FORMATS:
+        return ImageCheck(False, f"unsupported format: {image_format or 'unknown'} "
+                                 f"(accepted: JPEG, PNG, BMP, GIF, WebP)", width, height, image_format)
+    # Checked from the header, before decoding, so a decompression bomb costs nothing.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        return ImageCheck(False, f"too large: {width}×{height} pixels exceeds the limit of {limit} pixels "
+                                 f"(a decompression-bomb guard)", width, height, image_format)
+    if min(width, height) < MIN_SIDE_PIXELS:
+        return ImageCheck(False, f"too small: {width}×{height} pixels (at least "
+                                 f"{MIN_SIDE_PIXELS}×{MIN_SIDE_PIXELS} needed)", width, height, image_format)
+    notes = []
+    try:
+        image.load()
+    except OSError as error:
+        return ImageCheck(False, _reason_for(error), width, height, image_format)
+    extension = os.path.splitext(path)[1].lower()
+    expected_extension = SUPPORTED_FORMATS[image_format]
+    same_family = extension == expected_extension or (expected_extension == ".jpg" and extension == ".jpeg")
+    if not same_family:
+        notes.append(f"{image_format} content named {extension or 'without extension'}")
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append("animated: first frame used")
+    if image.mode not in ("RGB",):
+        notes.append(f"{image.mode} converted to RGB")
+    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    if orientation not in (1, None):
+        notes.append("rotated upright from EXIF orientation")
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+    return ImageCheck(True, "", width, height, image_format, "; ".join(notes))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any Pillow mode to 8-bit RGB, compositing transparency onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit and 32-bit integer images: scale to 8 bits rather than clip at 255.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low or 1.0) * 255.0
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def load_rgb(path: str, image_size: Optional[int] = None) -> np.ndarray:
+    """Decodes one file to an upright uint8 RGB array, resized to image_size×image_size if given.
+
+    Raises:
+        OSError, ValueError or a Pillow error when the file cannot be decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            if image_size and image.format in ("JPEG", "MPO"):
+                # Let libjpeg decode at a reduced scale when the target is much smaller:
+                # several times faster for large photos, and the resize below still sets the size.
+                image.draft("RGB", (image_size, image_size))
+            image.seek(0)
+            upright = ImageOps.exif_transpose(image)
+            rgb = to_rgb(upright)
+            if image_size:
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return np.asarray(rgb, dtype=np.uint8)

@@ -1,0 +1,73 @@
+"""Loading a trained run's model and predicting on new images.
+
+Only models this tool trained itself are loaded, from a run folder, with Keras
+`safe_mode=True` (no arbitrary code in the file is run).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine import runfiles
+
+
+def load_run_model(run_dir: str | os.PathLike):
+    """Loads `model.keras` of a run in safe mode.
+
+    Returns:
+        (model, class_names, image_size).
+
+    Raises:
+        ValueError: the run has no saved model or labels.
+    """
+    import keras
+
+    import engine.layers  # noqa: F401 - registers our layers so safe mode can rebuild them
+
+    run_dir = Path(run_dir)
+    model_path = run_dir / runfiles.MODEL_FILE
+    labels = runfiles.read_json(run_dir / runfiles.LABELS_FILE)
+    if not model_path.is_file():
+        raise ValueError(f"Run {run_dir.name} has no {runfiles.MODEL_FILE} yet: it has not finished training.")
+    if not isinstance(labels, dict) or not labels.get("classes"):
+        raise ValueError(f"Run {run_dir.name} has no readable {runfiles.LABELS_FILE}.")
+    model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    image_size = int(model.input_shape[1])
+    return model, list(labels["classes"]), image_size
+
+
+def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: int = 3) -> list[dict]:
+    """Predicts the class of each image file.
+
+    Returns:
+        One dictionary per image: path, and either `top` (list of {class, probability},
+        best first) and `probabilities`, or `error` naming why the file could not be used.
+    """
+    from engine.evaluate import predict_probabilities
+    from engine.images import check_image, load_rgb
+
+    model, class_names, image_size = load_run_model(run_dir)
+    results, arrays, positions = [], [], []
+    for path in image_paths:
+        check = check_image(path)
+        if not check.ok:
+            results.append({"path": path, "error": check.reason})
+            continue
+        try:
+            arrays.append(load_rgb(path, image_size))
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+            results.append({"path": path, "error": f"unreadable: {error}"})
+            continue
+        positions.append(len(results))
+        results.append({"path": path})
+    if arrays:
+        probabilities = predict_probabilities(model, np.stack(arrays), len(class_names))
+        for position, row in zip(positions, probabilities):
+            order = np.argsort(row)[::-1][:max(1, top_k)]
+            results[position]["top"] = [{"class": class_names[index], "probability": float(row[index])}
+                                        for index in order]
+            results[position]["probabilities"] = {name: float(value) for name, value in zip(class_names, row)}
+    return results

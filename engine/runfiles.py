@@ -1,0 +1,129 @@
+"""Reading and writing the files of a run folder safely.
+
+Writers replace whole files atomically (temporary file, then `os.replace`), so a
+reader never sees half a JSON document; `metrics.jsonl` is only appended, and a
+reader skips a line that is cut short or corrupt instead of failing.
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+DATA_REPORT_FILE = "data_report.json"
+SPLIT_FILE = "split.csv"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+EVALUATION_FILE = "evaluation.json"
+PREDICTIONS_FILE = "predictions.csv"
+LOG_FILE = "worker.log"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_descriptor, temporary_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(file_descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary_name, path)
+    except BaseException:
+        # Leave no temporary file behind when the write fails (disk full, interrupt).
+        if os.path.exists(temporary_name):
+            os.unlink(temporary_name)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes a text file atomically, encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes `data` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays reach us from metrics; they serialise as plain numbers.
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            pass
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serialisable")
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    """Reads a JSON file, returning `default` when it is missing, empty or corrupt."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return default
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Appends one JSON document per line; each line is written with a single `write` call."""
+    lines = "".join(json.dumps(record, default=_json_default) + "\n" for record in records)
+    if not lines:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads every complete, valid JSON line; skips a half-written or corrupt line."""
+    records: list[dict] = []
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    # The writer is still in the middle of this line.
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+    except OSError:
+        pass
+    return records
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """Writes a CSV file atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads a CSV file into dictionaries; a missing or unreadable file gives an empty list."""
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []

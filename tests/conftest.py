@@ -1,0 +1,90 @@
+"""Shared fixtures: isolated caches and run folders, tiny generated datasets, the shared data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+# Colours far apart, so a model learns the classes in a few steps even from random weights.
+CLASS_COLOURS = {"cats": (220, 40, 40), "dogs": (40, 60, 220), "birds": (40, 200, 60)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache, runs root and Keras home, and never touches the network."""
+    base = tmp_path_factory.mktemp("env")
+    monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(base / "cache"))
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(base / "runs"))
+    monkeypatch.setenv("KERAS_HOME", str(base / "keras_home"))
+    monkeypatch.setenv("TRANSFER_STUDIO_OFFLINE", "1")
+    return base
+
+
+def write_image(path: Path, colour, size=(40, 32), fmt=None, noise_seed=0, mode="RGB"):
+    """Writes a small image of one colour with a little noise (so files differ)."""
+    rng = np.random.default_rng(noise_seed)
+    array = np.clip(np.array(colour, dtype=np.int16) + rng.integers(-25, 25, (size[1], size[0], 3)), 0, 255)
+    image = Image.fromarray(array.astype(np.uint8), "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("cats", "dogs"), per_class=12, split=False, size=(40, 32)) -> Path:
+    """A tiny dataset of coloured images: flat class folders, or train/validation/test folders."""
+    for class_index, name in enumerate(classes):
+        colour = CLASS_COLOURS.get(name, (30 * class_index, 255 - 30 * class_index, 120))
+        if split:
+            parts = {"train": per_class, "validation": max(2, per_class // 3), "test": max(2, per_class // 3)}
+        else:
+            parts = {None: per_class}
+        for part, count in parts.items():
+            folder = root / part / name if part else root / name
+            for number in range(count):
+                extension = ".jpg" if number % 2 == 0 else ".png"
+                write_image(folder / f"{name}_{number}{extension}", colour, size, noise_seed=class_index * 1000 + number + (500 if part == "validation" else 0) + (700 if part == "test" else 0))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """Two classes (cats, dogs), 12 images each, flat."""
+    return make_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_three_class_dataset(tmp_path) -> Path:
+    """Three classes, pre-split into train/validation/test."""
+    return make_dataset(tmp_path / "tiny3", classes=("birds", "cats", "dogs"), per_class=9, split=True)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared, or a skip saying why when it is absent."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"real-data test: {SHARED}/data is not present beside the repo")
+    return SHARED
+
+
+@pytest.fixture
+def keras_home_with_mobilenet(shared_dir, tmp_path, monkeypatch) -> Path:
+    """A temporary KERAS_HOME holding the real MobileNet(alpha=0.25) ImageNet weights (copied, never linked)."""
+    source = shared_dir / "keras_home" / "models" / "mobilenet_2_5_224_tf_no_top.h5"
+    if not source.is_file():
+        pytest.skip(f"real-data test: {source} is not present")
+    home = tmp_path / "keras_home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(source, home / "models" / source.name)
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home
