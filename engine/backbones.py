@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -122,7 +123,15 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 def keras_home() -> Path:
-    """The folder Keras caches downloads in: `$KERAS_HOME`, else `~/.keras` (as Keras decides)."""
+    """The folder Keras caches downloads in: `$KERAS_HOME`, else `~/.keras` (as Keras decides).
+
+    Keras reads KERAS_HOME once, when it is first imported; once it is imported we ask
+    it, so we never look in a different folder from the one its loader uses.
+    """
+    if "keras" in sys.modules:
+        from keras.src.backend.config import keras_home as keras_own_home
+
+        return Path(keras_own_home())
     if os.environ.get("KERAS_HOME"):
         return Path(os.environ["KERAS_HOME"])
     return Path(os.path.expanduser("~")) / ".keras"

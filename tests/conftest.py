@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,11 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras reads KERAS_HOME once, at import, so the whole test session shares one empty,
+# temporary Keras home; tests that need weights copy them in and take them out again.
+SESSION_KERAS_HOME = Path(tempfile.mkdtemp(prefix="keras_home_"))
+os.environ["KERAS_HOME"] = str(SESSION_KERAS_HOME)
+atexit.register(shutil.rmtree, SESSION_KERAS_HOME, True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -20,13 +27,13 @@ CLASS_COLOURS = {"cats": (220, 40, 40), "dogs": (40, 60, 220), "birds": (40, 200
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory, monkeypatch):
-    """Every test gets its own cache, runs root and Keras home, and never touches the network."""
+    """Every test gets its own cache and runs root, an empty Keras home, and no network."""
     base = tmp_path_factory.mktemp("env")
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(base / "cache"))
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(base / "runs"))
-    monkeypatch.setenv("KERAS_HOME", str(base / "keras_home"))
     monkeypatch.setenv("TRANSFER_STUDIO_OFFLINE", "1")
-    return base
+    yield base
+    shutil.rmtree(SESSION_KERAS_HOME / "models", ignore_errors=True)
 
 
 def write_image(path: Path, colour, size=(40, 32), fmt=None, noise_seed=0, mode="RGB"):
@@ -78,13 +85,14 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture
-def keras_home_with_mobilenet(shared_dir, tmp_path, monkeypatch) -> Path:
-    """A temporary KERAS_HOME holding the real MobileNet(alpha=0.25) ImageNet weights (copied, never linked)."""
+def keras_home_with_mobilenet(shared_dir) -> Path:
+    """The session's temporary KERAS_HOME holding the real MobileNet(alpha=0.25) ImageNet weights.
+
+    The file is copied (never linked, so nothing can write into ../shared) and removed after the test.
+    """
     source = shared_dir / "keras_home" / "models" / "mobilenet_2_5_224_tf_no_top.h5"
     if not source.is_file():
         pytest.skip(f"real-data test: {source} is not present")
-    home = tmp_path / "keras_home"
-    (home / "models").mkdir(parents=True)
-    shutil.copy(source, home / "models" / source.name)
-    monkeypatch.setenv("KERAS_HOME", str(home))
-    return home
+    (SESSION_KERAS_HOME / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, SESSION_KERAS_HOME / "models" / source.name)
+    return SESSION_KERAS_HOME

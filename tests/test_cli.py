@@ -1,0 +1,106 @@
+"""The command line: a full train → runs → evaluate → predict chain, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from tests.conftest import REPO_ROOT, make_dataset
+
+
+def run_cli(*arguments, env=None, timeout=600):
+    """Runs `python -m engine ...` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, arguments)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.training
+def test_train_runs_evaluate_predict_chain(tiny_dataset, tmp_path):
+    runs_dir = tmp_path / "runs"
+    trained = run_cli("train", "--data", tiny_dataset, "--backbone", "MobileNet", "--alpha", "0.25",
+                      "--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8",
+                      "--runs-dir", runs_dir, "--set", "callbacks.early_stopping.enabled=true")
+    assert trained.returncode == 0, trained.stderr
+    run_dir = Path(trained.stdout.strip().splitlines()[0])
+    assert run_dir.parent == runs_dir and (run_dir / "model.keras").is_file()
+    assert "Finished after 2 epochs" in trained.stderr
+    assert json.loads((run_dir / "config.json").read_text())["callbacks"]["early_stopping"]["enabled"] is True
+
+    listed = run_cli("runs", "--runs-dir", runs_dir)
+    assert listed.returncode == 0 and run_dir.name in listed.stdout and "finished" in listed.stdout
+
+    other = make_dataset(tmp_path / "other", per_class=3)
+    evaluated = run_cli("evaluate", "--run", run_dir, "--data", other)
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["num_images"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert len(metrics["confusion_matrix"]) == 2
+
+    image = next((other / "cats").iterdir())
+    predicted = run_cli("predict", "--run", run_dir.name, "--runs-dir", runs_dir, image, "--top-k", "2")
+    assert predicted.returncode == 0, predicted.stderr
+    result = json.loads(predicted.stdout)[0]
+    assert [entry["class"] for entry in result["top"]] in (["cats", "dogs"], ["dogs", "cats"])
+
+
+def _error_line(capsys):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_invalid_value_names_the_field(tiny_dataset, capsys):
+    assert main(["train", "--data", str(tiny_dataset), "--epochs", "0"]) == 2
+    assert "`training.epochs` must be ≥ 1" in _error_line(capsys)
+
+
+def test_unknown_backbone_lists_the_choices(tiny_dataset, capsys):
+    assert main(["train", "--data", str(tiny_dataset), "--backbone", "ResNet9000"]) == 2
+    line = _error_line(capsys)
+    assert "ResNet9000" in line and "MobileNetV2" in line
+
+
+def test_unknown_set_name_is_refused(tiny_dataset, capsys):
+    assert main(["train", "--data", str(tiny_dataset), "--set", "training.speed=11"]) == 2
+    assert "Unknown setting `training.speed`" in _error_line(capsys)
+
+
+def test_no_data_at_all_is_refused(capsys):
+    assert main(["train"]) == 2
+    assert "No data folder" in _error_line(capsys)
+
+
+@pytest.mark.training
+def test_missing_imagenet_weights_offline_fail_fast_with_the_file_name(tiny_dataset, tmp_path, capsys):
+    code = main(["train", "--data", str(tiny_dataset), "--backbone", "MobileNet", "--alpha", "0.5",
+                 "--image-size", "128", "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: Run failed:") and "mobilenet_5_0_128_tf_no_top.h5" in line
+
+
+def test_unknown_run_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", "--run", "nope", "--data", str(tmp_path), "--runs-dir", str(tmp_path)]) == 2
+    assert "No run 'nope'" in _error_line(capsys)
+
+
+def test_runs_lists_nothing_politely(tmp_path, capsys):
+    assert main(["runs", "--runs-dir", str(tmp_path / "empty")]) == 0
+    assert "No runs yet." in capsys.readouterr().out
+
+
+def test_backbones_lists_weights_availability(capsys):
+    assert main(["backbones", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {row["name"] for row in rows} >= {"MobileNet", "VGG16", "ConvNeXtTiny"}

@@ -1,0 +1,55 @@
+"""Real data and real ImageNet weights from ../shared: the done-when of the engine issue."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import runfiles
+from tests.test_cli import run_cli
+from tests.test_training import RUN_FILES
+
+pytestmark = [pytest.mark.real_data, pytest.mark.training]
+
+
+def test_cats_vs_dogs_mobilenet_reaches_094_and_evaluates_on_another_folder(shared_dir, keras_home_with_mobilenet,
+                                                                            tmp_path):
+    data = shared_dir / "data" / "cats_vs_dogs"
+    trained = run_cli("train", "--data", data, "--backbone", "MobileNet", "--alpha", "0.25",
+                      "--image-size", "224", "--epochs", "10", "--runs-dir", tmp_path / "runs", "--quiet",
+                      env={"KERAS_HOME": str(keras_home_with_mobilenet)})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = Path(trained.stdout.strip())
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    evaluation = runfiles.read_json(run_dir / "evaluation.json")
+    accuracy = evaluation["splits"]["validation"]["accuracy"]
+    print(f"cats_vs_dogs validation accuracy: {accuracy:.4f}")
+    assert accuracy >= 0.94
+    assert evaluation["splits"]["validation"]["num_images"] == 1000
+
+    evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["num_images"] == 1000
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=0.005)
+
+
+def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mobilenet, tmp_path):
+    data = shared_dir / "data" / "beans"
+    trained = run_cli("train", "--data", data, "--backbone", "MobileNet", "--alpha", "0.25",
+                      "--image-size", "224", "--epochs", "10", "--runs-dir", tmp_path / "runs", "--quiet",
+                      env={"KERAS_HOME": str(keras_home_with_mobilenet)})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = Path(trained.stdout.strip())
+    evaluation = runfiles.read_json(run_dir / "evaluation.json")
+    validation = evaluation["splits"]["validation"]
+    print(f"beans validation accuracy: {validation['accuracy']:.4f}")
+    assert evaluation["classes"] == ["angular_leaf_spot", "bean_rust", "healthy"]
+    assert len(validation["confusion_matrix"]) == 3 and validation["num_images"] == 128
+    # Chance is 1/3; real ImageNet features do far better.
+    assert validation["accuracy"] >= 0.7
+
+    evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(validation["accuracy"], abs=0.01)
