@@ -184,7 +184,10 @@ class TrainingConfig:
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = "adam"
-    learning_rate: float = 1e-3
+    # 3e-3 rather than Adam's usual 1e-3: the head is small and sits on fixed features, so
+    # it converges in fewer epochs (README, "Defaults": beans 0.63 → 0.80 at 10 epochs,
+    # cats vs dogs 0.949 → 0.951).
+    learning_rate: float = 3e-3
     seed: int = 42
     class_weight: str = "none"
 

@@ -170,7 +170,7 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
          f"Phase 1: training the new head for {training.epochs} epochs on {len(indices['train'])} images.")
     history = model.fit(train_data, validation_data=validation_data, epochs=training.epochs,
                         callbacks=[progress] + _keras_callbacks(config, run_dir),
-                        class_weight=class_weight, verbose=0)
+                        class_weight=class_weight, shuffle=False, verbose=0)
     epochs_done = len(history.epoch)
     stopped = progress.stop_requested
 
@@ -185,7 +185,7 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
                                started_at, echo)
         history = model.fit(train_data, validation_data=validation_data, initial_epoch=epochs_done,
                             epochs=total_epochs, callbacks=[progress] + _keras_callbacks(config, run_dir),
-                            class_weight=class_weight, verbose=0)
+                            class_weight=class_weight, shuffle=False, verbose=0)
         epochs_done += len(history.epoch)
         stopped = progress.stop_requested
 
