@@ -15,7 +15,6 @@ import keras
 from engine import runfiles
 from engine.runs import StatusWriter
 
-STOP_REQUEST_FILE = "stop.request"
 # Per-batch events are written at most this often, so a fast run does not flood the file
 # while a slow one still reports every batch well within the 2-second promise.
 BATCH_EVENT_INTERVAL_SECONDS = 0.5
@@ -32,6 +31,10 @@ def current_learning_rate(model) -> Optional[float]:
 def _clean(value):
     value = float(value)
     return None if math.isnan(value) or math.isinf(value) else value
+
+
+class StopTrainingNow(Exception):
+    """Raised from a callback to leave `model.fit` right after the current batch."""
 
 
 class RunProgress(keras.callbacks.Callback):
@@ -52,7 +55,7 @@ class RunProgress(keras.callbacks.Callback):
                  total_epochs: int, started_at: float, echo=None):
         super().__init__()
         self.metrics_path = Path(run_dir) / runfiles.METRICS_FILE
-        self.stop_path = Path(run_dir) / STOP_REQUEST_FILE
+        self.stop_path = Path(run_dir) / runfiles.STOP_REQUEST_FILE
         self.status = status
         self.phase = phase
         self.steps_per_epoch = max(1, steps_per_epoch)
@@ -61,6 +64,7 @@ class RunProgress(keras.callbacks.Callback):
         self.started_at = started_at
         self.echo = echo
         self.stop_requested = False
+        self.completed_epochs = 0
         self._last_event_time = 0.0
         self._epoch = 0
         self._epoch_started = time.time()
@@ -77,9 +81,11 @@ class RunProgress(keras.callbacks.Callback):
         elapsed_in_epoch = now - self._epoch_started
         self._seconds_per_step = elapsed_in_epoch / step
         if self.stop_path.exists() and not self.stop_requested:
-            # Cooperative stop: finish this batch, then let the worker save and evaluate.
+            # Cooperative stop: this batch is done; leave fit at once (skipping the rest of the
+            # epoch and its validation pass) so the worker saves and evaluates within seconds.
             self.stop_requested = True
             self.model.stop_training = True
+            raise StopTrainingNow()
         if now - self._last_event_time < BATCH_EVENT_INTERVAL_SECONDS and step != self.steps_per_epoch:
             return
         self._last_event_time = now
@@ -111,6 +117,7 @@ class RunProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         now = time.time()
+        self.completed_epochs += 1
         epoch_seconds = now - self._epoch_started
         event = {
             "type": "epoch",
@@ -160,3 +167,28 @@ class RunProgress(keras.callbacks.Callback):
         print(f"\rphase {self.phase} epoch {event['epoch']}/{self.total_epochs} [{bar}] "
               f"{event['step']}/{event['steps']} loss {loss} {event['images_per_second']:.0f} img/s ETA {eta}",
               end="", file=self.echo, flush=True)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (with its optimizer state) after every epoch, for resume.
+
+    `checkpoint.keras` is replaced atomically, then `checkpoint.json` records which
+    epoch and phase it holds, so a reader never pairs a state with the wrong model.
+    """
+
+    def __init__(self, run_dir, phase: int, phase1_epochs: Optional[int], started_at: float):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.phase = phase
+        self.phase1_epochs = phase1_epochs
+        self.started_at = started_at
+
+    def on_epoch_end(self, epoch, logs=None):
+        from engine.train import save_model_atomically
+
+        save_model_atomically(self.model, self.run_dir / runfiles.CHECKPOINT_MODEL_FILE)
+        state = {"epoch": epoch + 1, "phase": self.phase,
+                 "elapsed_seconds": round(time.time() - self.started_at, 3)}
+        if self.phase1_epochs is not None:
+            state["phase1_epochs"] = self.phase1_epochs
+        runfiles.atomic_write_json(self.run_dir / runfiles.CHECKPOINT_STATE_FILE, state)

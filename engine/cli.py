@@ -61,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
     train.add_argument("--quiet", action="store_true", help="print only the run folder")
+    train.add_argument("--detach", action="store_true",
+                       help="start through the queue in a background process and print the run id")
+    train.add_argument("--max-concurrent", type=int, default=None,
+                       help="with --detach: how many runs may train at once in this runs folder")
+
+    for name, text in (("stop", "ask a run to stop: it finishes its batch, saves and evaluates"),
+                       ("kill", "end a run's worker at once (the hard fallback to stop)"),
+                       ("resume", "continue a stopped or failed run from its last completed epoch")):
+        control = commands.add_parser(name, help=text)
+        control.add_argument("run", help="run folder or run id")
+        control.add_argument("--runs-dir")
+
+    worker = commands.add_parser("worker", help="train one run folder in this process (what schedulers run)")
+    worker.add_argument("run_dir")
+    supervise = commands.add_parser("supervise", help="run a worker, record how it ended, start the next queued run")
+    supervise.add_argument("run_dir")
+    supervise.add_argument("--detach", action="store_true", help="spawn the supervisor in a new session and return")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on another folder")
     evaluate.add_argument("--run", required=True, help="run folder or run id")
@@ -115,6 +132,13 @@ def command_train(arguments) -> int:
     config = config_from_arguments(arguments)
     if not Path(config.data.path).expanduser().is_dir():
         raise CommandError(f"Data folder {config.data.path!r} does not exist or is not a folder.")
+    if arguments.detach:
+        from engine import jobs
+
+        if arguments.max_concurrent is not None:
+            jobs.set_max_concurrent(arguments.max_concurrent, arguments.runs_dir)
+        print(jobs.start(config, arguments.runs_dir), flush=True)
+        return 0
     run_dir = create_run(config, arguments.runs_dir)
     print(run_dir, flush=True)
     echo = None if arguments.quiet else sys.stderr
@@ -181,7 +205,53 @@ def command_backbones(arguments) -> int:
     return 0
 
 
+def command_control(arguments) -> int:
+    from engine import jobs
+
+    action = {"stop": jobs.stop, "kill": jobs.kill, "resume": jobs.resume}[arguments.command]
+    status = action(arguments.run, arguments.runs_dir)
+    print(f"{status.get('state')}: {status.get('message', '')}")
+    return 0
+
+
+def command_worker(arguments) -> int:
+    import fcntl
+
+    from engine import jobs
+    from engine.train import run_training
+
+    run_dir = Path(arguments.run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CommandError(f"{run_dir} is not a run folder (no config.json).")
+    lock = None
+    if os.environ.get("TRANSFER_STUDIO_LOCK_INHERITED") != "1":
+        # Started directly (by a scheduler, not our supervisor): hold the run's lock ourselves.
+        lock = open(run_dir / jobs.LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CommandError(f"Another worker is already training {run_dir}.") from None
+    state = run_training(run_dir)
+    if lock is not None:
+        lock.close()
+    return 0 if state in ("finished", "stopped") else 1
+
+
+def command_supervise(arguments) -> int:
+    from engine import jobs
+
+    if arguments.detach:
+        jobs.launch_detached_supervisor(arguments.run_dir)
+        return 0
+    return jobs.supervise(arguments.run_dir)
+
+
 COMMANDS = {
+    "stop": command_control,
+    "kill": command_control,
+    "resume": command_control,
+    "worker": command_worker,
+    "supervise": command_supervise,
     "train": command_train,
     "evaluate": command_evaluate,
     "predict": command_predict,

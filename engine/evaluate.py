@@ -60,13 +60,14 @@ def predict_probabilities(model, images: np.ndarray, num_classes: int, batch_siz
     """Runs the model over a (N, size, size, 3) uint8 array; returns (N, classes) probabilities."""
     from engine.modeling import probabilities_per_class
 
+    from engine.pipeline import make_dataset
+
     if len(images) == 0:
         return np.zeros((0, num_classes))
-    outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = np.asarray(images[start:start + batch_size], dtype=np.float32)
-        outputs.append(np.asarray(model(batch, training=False)))
-    return probabilities_per_class(np.concatenate(outputs), num_classes)
+    # model.predict runs a compiled graph over a prefetched pipeline: several times faster
+    # than calling the model eagerly batch by batch.
+    dataset = make_dataset(images, np.zeros(len(images), dtype=np.int32), batch_size).map(lambda x, y: x)
+    return probabilities_per_class(model.predict(dataset, verbose=0), num_classes)
 
 
 def write_evaluation(run_dir: str | os.PathLike, class_names: list[str], split_results: dict) -> dict:

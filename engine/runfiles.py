@@ -26,6 +26,12 @@ LABELS_FILE = "labels.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
 LOG_FILE = "worker.log"
+# Control files: a request to stop cooperatively, or a note that a kill was asked for.
+STOP_REQUEST_FILE = "stop.request"
+KILL_REQUEST_FILE = "kill.request"
+# Saved after every epoch, so a stopped or failed run resumes where it was.
+CHECKPOINT_MODEL_FILE = "checkpoint.keras"
+CHECKPOINT_STATE_FILE = "checkpoint.json"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

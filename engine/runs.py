@@ -59,6 +59,7 @@ def create_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None) 
         "phase": "queued",
         "message": "Waiting to start.",
         "created": now_iso(),
+        "queued_at": time.time(),
         "heartbeat": time.time(),
     })
     return run_dir
@@ -129,8 +130,11 @@ def best_validation_accuracy(metrics: list[dict]) -> Optional[float]:
 
 def get_run(run_dir: str | os.PathLike) -> dict:
     """A summary of one run for lists and pages; never raises on half-written or corrupt files."""
+    from engine.jobs import refresh
+
     run_dir = Path(run_dir)
-    status = read_status(run_dir)
+    # refresh() also turns a run whose worker died into `failed`, so no reader ever shows it running.
+    status = refresh(run_dir)
     config = runfiles.read_json(run_dir / runfiles.CONFIG_FILE) or {}
     metrics = runfiles.read_jsonl(run_dir / runfiles.METRICS_FILE)
     model = config.get("model", {}) if isinstance(config, dict) else {}

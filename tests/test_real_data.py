@@ -53,3 +53,31 @@ def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mo
     evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(validation["accuracy"], abs=0.01)
+
+
+def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_home_with_mobilenet, tmp_path):
+    import time
+
+    from engine import jobs
+    from engine.config import RunConfig
+
+    runs_dir = tmp_path / "runs"
+    config = RunConfig().replace(**{"data.path": str(shared_dir / "data" / "cats_vs_dogs"),
+                                    "model.backbone": "MobileNet", "model.alpha": 0.25, "training.epochs": 10})
+    run_id = jobs.start(config, runs_dir)
+    run_dir = runs_dir / run_id
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if len([event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "batch"]) >= 3:
+            break
+        time.sleep(0.5)
+    status = jobs.refresh(run_dir)
+    assert status["state"] == "running" and time.time() - status["heartbeat"] < 3
+    asked = time.time()
+    jobs.stop(run_id, runs_dir)
+    final = jobs.wait_for(run_id, timeout=60, runs_dir=runs_dir, poll_seconds=0.2)
+    took = time.time() - asked
+    print(f"stop took {took:.1f} s")
+    assert final["state"] == "stopped" and took < 10
+    assert (run_dir / "model.keras").is_file()
+    assert runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["num_images"] == 1000
