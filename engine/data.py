@@ -193,6 +193,12 @@ def fingerprint_files(paths: list[str]) -> str:
     return digest.hexdigest()[:24]
 
 
+def dataset_fingerprint(root: str | os.PathLike) -> str:
+    """The fingerprint of a dataset folder's image files, without decoding anything (cheap)."""
+    _, candidates, _, _ = list_candidate_files(Path(root).expanduser().resolve())
+    return fingerprint_files([path for path, _, _ in candidates])
+
+
 def default_cache_dir() -> Path:
     """Where scans, decoded images and features are cached: `$TRANSFER_STUDIO_CACHE` or ~/.cache."""
     if os.environ.get("TRANSFER_STUDIO_CACHE"):

@@ -39,8 +39,14 @@ def load_run_model(run_dir: str | os.PathLike):
     return model, list(labels["classes"]), image_size
 
 
-def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: int = 3) -> list[dict]:
+def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: int = 3, loaded=None) -> list[dict]:
     """Predicts the class of each image file.
+
+    Args:
+        run_dir: The run whose model to use.
+        image_paths: Image files.
+        top_k: How many classes to list per image.
+        loaded: The result of `load_run_model(run_dir)`, when the caller keeps it loaded.
 
     Returns:
         One dictionary per image: path, and either `top` (list of {class, probability},
@@ -49,7 +55,7 @@ def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: in
     from engine.evaluate import predict_probabilities
     from engine.images import check_image, load_rgb
 
-    model, class_names, image_size = load_run_model(run_dir)
+    model, class_names, image_size = loaded or load_run_model(run_dir)
     results, arrays, positions = [], [], []
     for path in image_paths:
         check = check_image(path)

@@ -1,0 +1,164 @@
+"""Getting data in safely on a shared server: folders only inside data roots, safe zip uploads.
+
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+from engine.samples import default_data_dir
+
+
+def data_roots(extra: Optional[list] = None) -> list[Path]:
+    """The folders a dashboard user may train from: the app's data folder, `$TRANSFER_STUDIO_DATA_ROOTS`
+    (separated by the OS path separator) and any `extra` roots (e.g. from Streamlit secrets).
+
+    Roots that do not exist are left out; each is fully resolved.
+    """
+    candidates = [default_data_dir()]
+    candidates += [Path(part) for part in os.environ.get("TRANSFER_STUDIO_DATA_ROOTS", "").split(os.pathsep) if part]
+    candidates += [Path(part) for part in (extra or [])]
+    roots = []
+    for candidate in candidates:
+        try:
+            resolved = candidate.expanduser().resolve()
+        except OSError:
+            continue
+        if resolved.is_dir() and resolved not in roots:
+            roots.append(resolved)
+    return roots
+
+
+def resolve_in_roots(path: str | os.PathLike, roots: list[Path]) -> Path:
+    """Resolves `path` (symlinks and `..` included) and checks it lies inside one of `roots`.
+
+    Raises:
+        ValueError: the folder does not exist, or it resolves outside every data root.
+    """
+    try:
+        resolved = Path(path).expanduser().resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ValueError(f"Folder {str(path)!r} does not exist.") from None
+    for root in roots:
+        if resolved == root or root in resolved.parents:
+            if not resolved.is_dir():
+                raise ValueError(f"{str(path)!r} is a file, not a folder of class subfolders.")
+            return resolved
+    allowed = ", ".join(str(root) for root in roots) or "none configured"
+    raise ValueError(
+        f"Folder {str(path)!r} is outside the data roots ({allowed}); links and '..' are followed "
+        f"before this check. Ask the server's administrator to add a root (TRANSFER_STUDIO_DATA_ROOTS)."
+    )
+
+
+def list_dataset_folders(roots: list[Path], depth: int = 2) -> list[Path]:
+    """Folders under the roots that look like datasets (they hold subfolders), up to `depth` levels."""
+    found = []
+    for root in roots:
+        frontier = [root]
+        for _ in range(depth):
+            next_frontier = []
+            for folder in frontier:
+                try:
+                    children = sorted(entry for entry in folder.iterdir()
+                                      if entry.is_dir() and not entry.name.startswith("."))
+                except OSError:
+                    continue
+                for child in children:
+                    if any(grandchild.is_dir() for grandchild in child.iterdir() if not grandchild.name.startswith(".")):
+                        found.append(child)
+                    next_frontier.append(child)
+            frontier = next_frontier
+    return found
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """Limits on an uploaded archive, checked before anything is extracted."""
+
+    max_members: int = 50_000
+    max_total_bytes: int = 2 * 1024**3
+    max_ratio: float = 200.0
+
+
+def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str | os.PathLike] = None,
+                limits: ZipLimits = ZipLimits()) -> Path:
+    """Extracts an uploaded zip of class folders into a fresh folder of its own; returns the dataset folder.
+
+    Members with absolute paths, `..`, or symlinks are refused (zip-slip), as are archives
+    over the member-count, total-size or compression-ratio limits. A refused archive leaves
+    nothing behind.
+
+    Raises:
+        ValueError: the archive is not a zip or breaks a rule; the message names the member.
+    """
+    target_parent = Path(uploads_dir or (default_data_dir() / "uploads"))
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = bundle.infolist()
+            _check_members(members, limits)
+            target_parent.mkdir(parents=True, exist_ok=True)
+            target = target_parent / f"upload-{secrets.token_hex(6)}"
+            target.mkdir()
+            try:
+                for member in members:
+                    destination = target / member.filename
+                    if member.is_dir():
+                        destination.mkdir(parents=True, exist_ok=True)
+                        continue
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    with bundle.open(member) as source, open(destination, "wb") as sink:
+                        _copy_limited(source, sink, member)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+    except zipfile.BadZipFile:
+        raise ValueError("The upload is not a valid zip archive.") from None
+    entries = [entry for entry in target.iterdir() if not entry.name.startswith((".", "__MACOSX"))]
+    # A zip of one top folder (the usual "compress folder") is that folder's dataset.
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return target
+
+
+def _check_members(members, limits: ZipLimits) -> None:
+    if len(members) > limits.max_members:
+        raise ValueError(f"The archive has {len(members)} entries; at most {limits.max_members} are allowed.")
+    total = 0
+    for member in members:
+        name = member.filename
+        parts = Path(name.replace("\\", "/")).parts
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+            raise ValueError(f"Archive member {name!r} points outside the archive (absolute path or '..'); refused.")
+        mode = member.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise ValueError(f"Archive member {name!r} is a symbolic link; links are refused.")
+        total += member.file_size
+        if member.compress_size and member.file_size / member.compress_size > limits.max_ratio:
+            raise ValueError(
+                f"Archive member {name!r} expands {member.file_size / member.compress_size:.0f}× "
+                f"(over the limit of {limits.max_ratio:.0f}×): it looks like a zip bomb; refused.")
+    if total > limits.max_total_bytes:
+        raise ValueError(f"The archive expands to {total / 1024**2:.0f} MB; at most "
+                         f"{limits.max_total_bytes / 1024**2:.0f} MB are allowed.")
+
+
+def _copy_limited(source, sink, member) -> None:
+    # The sizes in the zip directory can lie; never write more than the member declared.
+    remaining = member.file_size
+    while True:
+        chunk = source.read(1024 * 1024)
+        if not chunk:
+            return
+        remaining -= len(chunk)
+        if remaining < 0:
+            raise ValueError(f"Archive member {member.filename!r} is larger than its header says; refused.")
+        sink.write(chunk)

@@ -1,0 +1,109 @@
+"""What the Monitor and Evaluate pages show, computed from a run folder (fastai-style interpretation).
+
+Reads `metrics.jsonl`, `evaluation.json`, `predictions.csv` and `worker.log`; never
+imports TensorFlow, so the pages that use it stay light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from engine import runfiles
+
+
+def metrics_frames(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-batch and per-epoch events as tables, with `progress` in epochs (e.g. 2.5 = half of epoch 3).
+
+    After a resume, events of epochs the resumed run repeats are dropped, so each epoch appears once.
+    """
+    events = runfiles.read_jsonl(Path(run_dir) / runfiles.METRICS_FILE)
+    kept: list[dict] = []
+    for event in events:
+        if event.get("type") == "resume":
+            resumed_after = event.get("epoch", 0)
+            kept = [item for item in kept if item.get("epoch", 0) <= resumed_after]
+        else:
+            kept.append(event)
+    batches = pd.DataFrame([event for event in kept if event.get("type") == "batch"])
+    epochs = pd.DataFrame([event for event in kept if event.get("type") == "epoch"])
+    if not batches.empty:
+        batches["progress"] = batches["epoch"] - 1 + batches["step"] / batches["steps"]
+    if not epochs.empty:
+        epochs["progress"] = epochs["epoch"].astype(float)
+    return batches, epochs
+
+
+def phase_two_start(epochs: pd.DataFrame):
+    """The epoch after which fine-tuning began, or None."""
+    if epochs.empty or "phase" not in epochs:
+        return None
+    phase_two = epochs[epochs["phase"] == 2]
+    return None if phase_two.empty else float(phase_two["epoch"].min() - 1)
+
+
+def log_tail(run_dir: str | os.PathLike, lines: int = 40) -> str:
+    """The last lines of `worker.log`, without TensorFlow's start-up noise."""
+    path = Path(run_dir) / runfiles.LOG_FILE
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            useful = (line for line in handle if not line.startswith(("I0000", "E0000", "W0000", "WARNING: All log")))
+            return "".join(deque(useful, maxlen=lines))
+    except OSError:
+        return ""
+
+
+def load_predictions(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """`predictions.csv` with `confidence` (probability of the prediction), `true_probability` and `loss`."""
+    rows = runfiles.read_csv(Path(run_dir) / runfiles.PREDICTIONS_FILE)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    probability_columns = [column for column in frame.columns if column.startswith("prob_")]
+    frame[probability_columns] = frame[probability_columns].astype(float)
+    classes = [column[len("prob_"):] for column in probability_columns]
+    probabilities = frame[probability_columns].to_numpy()
+    true_index = frame["true"].map({name: index for index, name in enumerate(classes)}).to_numpy()
+    predicted_index = frame["predicted"].map({name: index for index, name in enumerate(classes)}).to_numpy()
+    rows_index = np.arange(len(frame))
+    frame["confidence"] = probabilities[rows_index, predicted_index]
+    frame["true_probability"] = probabilities[rows_index, true_index]
+    frame["loss"] = -np.log(np.clip(frame["true_probability"], 1e-7, 1.0))
+    frame["correct"] = frame["true"] == frame["predicted"]
+    return frame
+
+
+def cell_images(predictions: pd.DataFrame, split: str, true: str, predicted: str) -> pd.DataFrame:
+    """The images of one confusion-matrix cell, most confident first."""
+    if predictions.empty:
+        return predictions
+    chosen = predictions[(predictions["split"] == split) & (predictions["true"] == true)
+                         & (predictions["predicted"] == predicted)]
+    return chosen.sort_values("confidence", ascending=False)
+
+
+def top_losses(predictions: pd.DataFrame, split: str, count: int = 12) -> pd.DataFrame:
+    """The images the model got most wrong: highest loss first."""
+    if predictions.empty:
+        return predictions
+    return predictions[predictions["split"] == split].sort_values("loss", ascending=False).head(count)
+
+
+def most_confused(split_evaluation: dict, minimum: int = 1, count: int = 10) -> list[tuple[str, str, int]]:
+    """(true class, predicted class, images) for the off-diagonal cells, largest first."""
+    classes = split_evaluation.get("classes", [])
+    matrix = split_evaluation.get("confusion_matrix") or []
+    pairs = [(classes[row], classes[column], int(value))
+             for row, values in enumerate(matrix) for column, value in enumerate(values)
+             if row != column and value >= minimum]
+    return sorted(pairs, key=lambda pair: (-pair[2], pair[0], pair[1]))[:count]
+
+
+def per_class_table(split_evaluation: dict) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class."""
+    per_class = split_evaluation.get("per_class") or {}
+    return pd.DataFrame([{"class": name, **values} for name, values in per_class.items()])

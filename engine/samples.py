@@ -1,0 +1,68 @@
+"""Built-in sample datasets, written once as PNG class folders into the app's data folder.
+
+`digits` is scikit-learn's bundled handwritten digits (1797 images, 10 classes): it
+needs nothing from the network, so a fresh, offline install can train at once.
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+SAMPLES = {
+    "digits": "Handwritten digits 0–9 (1797 small grey images, 10 classes), bundled with scikit-learn.",
+}
+
+
+def default_data_dir() -> Path:
+    """The app's own data folder: `$TRANSFER_STUDIO_DATA`, else `./data`."""
+    return Path(os.environ.get("TRANSFER_STUDIO_DATA") or "data")
+
+
+def ensure_sample(name: str, data_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Writes the sample's class folders if they are not there yet; returns the dataset folder.
+
+    Raises:
+        ValueError: unknown sample name.
+    """
+    if name not in SAMPLES:
+        raise ValueError(f"Unknown sample {name!r}; choose one of: {', '.join(SAMPLES)}.")
+    target = Path(data_dir or default_data_dir()) / "samples" / name
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename it into place, so a half-written sample is never used.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _WRITERS[name](staging)
+        (staging / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_digits(folder: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        # 0–16 grey levels, ink dark on white like handwriting; upscaled 4× so people can see them.
+        grey = (255 - pixels / 16.0 * 255).astype(np.uint8)
+        image = Image.fromarray(grey, mode="L").resize((32, 32), Image.Resampling.NEAREST)
+        class_folder = folder / str(int(label))
+        class_folder.mkdir(exist_ok=True)
+        image.save(class_folder / f"digit_{index:04d}.png")
+
+
+_WRITERS = {"digits": _write_digits}

@@ -1,0 +1,160 @@
+"""Data: choose a dataset (sample, server folder, zip upload) and see what the scan found."""
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+from PIL import Image
+
+from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
+from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
+from engine.samples import SAMPLES, ensure_sample
+from ui import secret_data_roots
+
+IMAGES_PER_PAGE = 12
+
+
+@st.cache_data(show_spinner="Checking every image…", max_entries=20)
+def cached_scan(path: str, fingerprint: str):
+    """The scan report and file table; cached by folder fingerprint, so an unchanged folder is instant."""
+    scan = scan_dataset(path)
+    files = pd.DataFrame([{"path": item.path, "label": item.label, "split": item.split or "",
+                           "width": item.width, "height": item.height, "note": item.note} for item in scan.files])
+    return scan, scan.report(), files
+
+
+@st.cache_data(max_entries=2000)
+def thumbnail(path: str, modified: float):
+    """A small preview, so a page of the grid sends kilobytes, not whole photos."""
+    from engine.images import load_rgb
+
+    image = Image.fromarray(load_rgb(path))
+    image.thumbnail((160, 160))
+    return image
+
+
+def choose_dataset() -> str | None:
+    """The dataset chooser; returns the chosen folder (remembered for the Train page)."""
+    roots = data_roots(secret_data_roots())
+    source = st.radio("Where are your images?", ["Built-in sample", "Folder on the server", "Upload a zip"],
+                      horizontal=True, key="data_source")
+    if source == "Built-in sample":
+        name = st.selectbox("Sample", list(SAMPLES), format_func=lambda key: f"{key} — {SAMPLES[key]}")
+        if st.button("Use this sample", type="primary"):
+            st.session_state["dataset_path"] = str(ensure_sample(name).resolve())
+    elif source == "Folder on the server":
+        folders = [str(folder) for folder in list_dataset_folders(roots)]
+        st.caption("Allowed folders: " + (", ".join(f"`{root}`" for root in roots) or "none configured"))
+        picked = st.selectbox("Dataset folder", folders, index=None, placeholder="Pick a folder…")
+        typed = st.text_input("…or type a path inside the allowed folders", key="typed_path")
+        if st.button("Use this folder", type="primary"):
+            try:
+                st.session_state["dataset_path"] = str(resolve_in_roots(typed or picked or "", roots))
+            except ValueError as error:
+                st.error(str(error))
+    else:
+        upload = st.file_uploader("A .zip of class folders (one folder per class)", type=["zip"])
+        if upload is not None and st.button("Unpack and use", type="primary"):
+            try:
+                st.session_state["dataset_path"] = str(extract_zip(upload))
+            except ValueError as error:
+                st.error(str(error))
+    return st.session_state.get("dataset_path")
+
+
+def show_balance(report: dict) -> None:
+    counts = pd.DataFrame({"class": list(report["class_counts"]), "images": list(report["class_counts"].values())})
+    figure = px.bar(counts, x="class", y="images", text="images", title="Images per class")
+    figure.update_layout(height=320, margin=dict(t=40, b=10))
+    st.plotly_chart(figure, key="balance")
+    ratio = report.get("imbalance_ratio")
+    if ratio and ratio >= 1.5:
+        st.warning(f"Classes are imbalanced ({ratio:.1f}× between the largest and smallest). "
+                   "On the Train page, set class weights to 'balanced' so small classes count as much.")
+
+
+def show_split(scan, report: dict) -> None:
+    st.subheader("The split that will be used")
+    if report["layout"] == "split":
+        st.caption("This folder is already split into train / validation / test folders; they are used as given.")
+        fractions = (0.1, 0.1)
+    else:
+        left, right = st.columns(2)
+        validation = left.slider("Validation share", 0.05, 0.5, 0.1, 0.05, key="split_validation",
+                                 help="Images held out to measure accuracy after every epoch.")
+        test = right.slider("Test share", 0.0, 0.5, 0.1, 0.05, key="split_test",
+                            help="Images kept aside until the end, for a final honest score.")
+        fractions = (validation, test)
+    try:
+        counts = split_counts(make_split(scan, *fractions))
+        st.dataframe(pd.DataFrame(counts).fillna(0).astype(int), key="split_table")
+    except DataError as error:
+        st.error(str(error))
+
+
+def show_grid(files: pd.DataFrame, classes: list) -> None:
+    st.subheader("Sample images")
+    left, right = st.columns([2, 1])
+    label = left.selectbox("Class", classes, key="grid_class")
+    chosen = files[files["label"] == label] if not files.empty else files
+    pages = max(1, -(-len(chosen) // IMAGES_PER_PAGE))
+    page = right.number_input(f"Page (of {pages})", 1, pages, 1, key="grid_page")
+    shown = chosen.iloc[(page - 1) * IMAGES_PER_PAGE: page * IMAGES_PER_PAGE]
+    columns = st.columns(6)
+    for position, row in enumerate(shown.itertuples()):
+        with columns[position % 6]:
+            st.image(thumbnail(row.path, Path(row.path).stat().st_mtime), caption=Path(row.path).name)
+
+
+def show_sizes(files: pd.DataFrame) -> None:
+    if files.empty:
+        return
+    sample = files.sample(min(len(files), 3000), random_state=0)
+    figure = px.scatter(sample, x="width", y="height", color="label", opacity=0.6, title="Image sizes (pixels)")
+    figure.update_layout(height=320, margin=dict(t=40, b=10))
+    st.plotly_chart(figure, key="sizes")
+
+
+def show_problems(report: dict) -> None:
+    st.subheader("Files left out")
+    if report["excluded"]:
+        st.error(f"{report['num_excluded']} file(s) cannot be used and will not be trained on:")
+        st.dataframe(pd.DataFrame(report["excluded"])[["path", "reason"]], hide_index=True, key="excluded")
+    else:
+        st.success("Every image file can be used.")
+    if report["ignored"]:
+        st.caption(f"{report['num_ignored']} other file(s) ignored ({report['num_hidden_ignored']} hidden):")
+        st.dataframe(pd.DataFrame(report["ignored"]), hide_index=True, key="ignored")
+    if report["notes"]:
+        with st.expander(f"{len(report['notes'])} file(s) converted or fixed on the fly"):
+            st.dataframe(pd.DataFrame(report["notes"]), hide_index=True)
+
+
+st.title("Data")
+path = choose_dataset()
+if not path:
+    st.info("Choose a dataset above. New here? Pick the built-in **digits** sample.")
+    st.stop()
+
+st.markdown(f"**Dataset:** `{path}`")
+try:
+    scan, report, files = cached_scan(path, dataset_fingerprint(path))
+except DataError as error:
+    st.error(str(error))
+    st.stop()
+classes = report["classes"]
+first, second, third, fourth = st.columns(4)
+first.metric("Classes", len(classes))
+second.metric("Usable images", report["num_images"])
+third.metric("Left out", report["num_excluded"], help="Files that look like images but cannot be read.")
+fourth.metric("Ignored", report["num_ignored"], help="Hidden files and files that are not images.")
+for warning in report["warnings"]:
+    st.warning(warning)
+show_balance(report)
+show_split(scan, report)
+show_grid(files, classes)
+show_sizes(files)
+show_problems(report)
+if st.button("Train on this data →", type="primary"):
+    st.switch_page("pages/train.py")

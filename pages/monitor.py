@@ -1,0 +1,108 @@
+"""Monitor: live curves, progress, Stop/Resume, the worker's log; polls the run folder, never trains."""
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import jobs
+from engine.interpret import log_tail, metrics_frames, phase_two_start
+from engine.runs import get_run
+from ui import all_runs, pick_run, run_label, runs_root
+
+REFRESH_SECONDS = 1.5
+COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
+
+
+def curve_figure(batches, epochs, metric: str, title: str, boundary):
+    """Per-batch training values as a thin line, per-epoch train and validation values as markers."""
+    figure = go.Figure()
+    if not batches.empty and metric in batches:
+        figure.add_trace(go.Scatter(x=batches["progress"], y=batches[metric], mode="lines", name="train (batches)",
+                                    line=dict(color=COLOURS["train"], width=1), opacity=0.45))
+    if not epochs.empty:
+        figure.add_trace(go.Scatter(x=epochs["progress"], y=epochs[metric], mode="lines+markers",
+                                    name="train (epoch)", line=dict(color=COLOURS["train"], width=3)))
+        figure.add_trace(go.Scatter(x=epochs["progress"], y=epochs[f"val_{metric}"], mode="lines+markers",
+                                    name="validation (epoch)", line=dict(color=COLOURS["validation"], width=3)))
+    if boundary is not None:
+        figure.add_vline(x=boundary, line_dash="dash", line_color="grey", annotation_text="fine-tuning starts")
+    figure.update_layout(title=title, xaxis_title="epoch", height=340, margin=dict(t=40, b=10),
+                         legend=dict(orientation="h", y=-0.25), uirevision="keep")
+    if metric == "accuracy":
+        figure.update_yaxes(range=[0, 1.02], tickformat=".0%")
+    return figure
+
+
+def controls(run: dict) -> None:
+    state = run["state"]
+    left, middle, right = st.columns(3)
+    if left.button("Stop", disabled=state not in ("running", "queued"), key="stop",
+                   help="Finish the current batch, save the model and evaluate it."):
+        jobs.stop(run["run_id"], runs_root())
+    if middle.button("Resume", disabled=state not in ("stopped", "failed"), key="resume",
+                     help="Continue from the last completed epoch."):
+        try:
+            jobs.resume(run["run_id"], runs_root())
+        except ValueError as error:
+            st.error(str(error))
+    if right.button("Kill", disabled=state != "running", key="kill",
+                    help="End the worker at once, if Stop does not respond."):
+        jobs.kill(run["run_id"], runs_root())
+
+
+@st.fragment(run_every=REFRESH_SECONDS)
+def live_view(run_path: str) -> None:
+    """Redrawn every REFRESH_SECONDS from the run folder alone, so a reload simply reattaches."""
+    run = get_run(run_path)
+    status_line = {"running": st.info, "queued": st.info, "finished": st.success,
+                   "stopped": st.warning, "failed": st.error}.get(run["state"], st.info)
+    status_line(f"**{run['state'].upper()}** — {run['message']}")
+    batches, epochs = metrics_frames(run_path)
+    epoch, total = run.get("epoch") or 0, run.get("epochs") or 0
+    step_fraction = 0.0
+    if not batches.empty and run["state"] == "running":
+        last = batches.iloc[-1]
+        step_fraction = float(last["step"]) / float(last["steps"]) if last["epoch"] == epoch else 0.0
+    done = ((epoch - 1 + step_fraction) / total) if total and run["state"] == "running" else (1.0 if run["state"] == "finished" else 0.0)
+    st.progress(min(max(done, 0.0), 1.0))
+    first, second, third, fourth = st.columns(4)
+    first.metric("Epoch", f"{epoch or '–'} / {total or '–'}")
+    eta = run.get("eta_seconds")
+    second.metric("Time left", "–" if eta is None or run["state"] != "running" else f"{eta:.0f} s",
+                  help="Estimated from the speed of the batches so far.")
+    speed = None if batches.empty else batches.iloc[-1].get("images_per_second")
+    third.metric("Images / second", "–" if speed is None else f"{speed:.0f}")
+    best = run.get("best_val_accuracy")
+    fourth.metric("Best validation accuracy", "–" if best is None else f"{best:.1%}",
+                  help="Share of held-out images classified correctly, best epoch so far.")
+    controls(run)
+    boundary = phase_two_start(epochs)
+    left, right = st.columns(2)
+    left.plotly_chart(curve_figure(batches, epochs, "loss", "Loss (lower is better)", boundary), key="loss_chart")
+    right.plotly_chart(curve_figure(batches, epochs, "accuracy", "Accuracy", boundary), key="accuracy_chart")
+    with st.expander("Worker log (last lines)"):
+        st.code(log_tail(run_path) or "(empty)", language=None)
+
+
+def compare(runs: list[dict], current: dict) -> None:
+    others = st.multiselect("Overlay other runs (validation accuracy per epoch)",
+                            [run["run_id"] for run in runs if run["run_id"] != current["run_id"]])
+    if not others:
+        return
+    figure = go.Figure()
+    for run_id in [current["run_id"]] + others:
+        _, epochs = metrics_frames(runs_root() / run_id)
+        if not epochs.empty:
+            figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs["val_accuracy"], mode="lines+markers", name=run_id))
+    figure.update_layout(xaxis_title="epoch", yaxis_tickformat=".0%", height=340, margin=dict(t=20, b=10))
+    st.plotly_chart(figure, key="compare_chart")
+
+
+st.title("Monitor")
+runs = all_runs()
+if not runs:
+    st.info("No runs yet. Start one on the Train page.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+current = pick_run(runs, key="monitor_run")
+live_view(current["path"])
+compare(runs, current)

@@ -1,0 +1,50 @@
+"""Small helpers shared by the dashboard pages (Streamlit only; all real work is in `engine`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from engine.runs import default_runs_dir, list_runs
+
+
+
+def secret_data_roots() -> list[str]:
+    """Extra data roots from `.streamlit/secrets.toml` (`data_roots = ["/srv/images"]`), if any."""
+    try:
+        roots = st.secrets.get("data_roots", [])
+    except Exception:  # noqa: BLE001 - no secrets file is the normal case
+        return []
+    return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
+
+
+def run_label(run: dict) -> str:
+    """How a run is named in pickers: icon, id, state and best accuracy."""
+    best = run.get("best_val_accuracy")
+    best_text = f" · best {best:.1%}" if isinstance(best, (int, float)) else ""
+    return f"{run['run_id']} · {run['state']}{best_text}"
+
+
+def pick_run(runs: list[dict], key: str, label: str = "Run", preferred: str | None = None) -> dict | None:
+    """A run selectbox that remembers its choice in the address (`?run=`), so a reload reattaches."""
+    if not runs:
+        return None
+    ids = [run["run_id"] for run in runs]
+    wanted = st.query_params.get("run") or preferred or st.session_state.get("current_run")
+    index = ids.index(wanted) if wanted in ids else 0
+    chosen_id = st.selectbox(label, ids, index=index, key=key,
+                             format_func=lambda run_id: run_label(runs[ids.index(run_id)]))
+    st.query_params["run"] = chosen_id
+    st.session_state["current_run"] = chosen_id
+    return runs[ids.index(chosen_id)]
+
+
+def runs_root() -> Path:
+    """The runs folder the dashboard reads."""
+    return default_runs_dir()
+
+
+def all_runs() -> list[dict]:
+    """Every run, newest first."""
+    return list_runs(runs_root())
