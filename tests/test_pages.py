@@ -1,0 +1,166 @@
+"""Every dashboard page under Streamlit's AppTest: smoke tests and interactions, over real run folders."""
+
+import shutil
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine import jobs, runfiles
+from engine.config import RunConfig
+from engine.runs import create_run
+from engine.train import run_training
+from tests.conftest import REPO_ROOT, make_dataset
+
+PAGES = ["pages/home.py", "pages/data.py", "pages/train.py", "pages/monitor.py", "pages/evaluate.py",
+         "pages/predict.py"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One small run trained for real (random weights), shared by the page tests."""
+    base = tmp_path_factory.mktemp("finished")
+    data = make_dataset(base / "data" / "colours", classes=("birds", "cats", "dogs"), per_class=10)
+    config = RunConfig().replace(**{"data.path": str(data), "model.backbone": "MobileNet", "model.alpha": 0.25,
+                                    "model.weights": "none", "model.image_size": 32, "training.epochs": 2,
+                                    "training.batch_size": 8, "data.cache": "memory"})
+    run_dir = create_run(config, base / "runs")
+    assert run_training(run_dir) == "finished"
+    return run_dir
+
+
+@pytest.fixture
+def app_environment(monkeypatch, tmp_path):
+    """Empty runs folder and data folder for the app."""
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
+    (tmp_path / "appdata").mkdir()
+    return tmp_path
+
+
+def open_page(page: str) -> AppTest:
+    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
+    app.switch_page(page)
+    return app.run()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_no_runs(page, app_environment):
+    app = open_page(page)
+    assert not app.exception, app.exception
+    assert app.title[0].value in ("Transfer Studio", "Data", "Train", "Monitor", "Evaluate", "Predict")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_with_a_finished_run(page, app_environment, finished_run, monkeypatch):
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(finished_run.parent))
+    app = open_page(page)
+    assert not app.exception, app.exception
+    assert not app.error, [error.value for error in app.error]
+
+
+def test_data_page_uses_the_built_in_sample(app_environment):
+    app = open_page("pages/data.py")
+    app.button[0].click().run()  # "Use this sample" (digits is preselected)
+    assert not app.exception
+    metrics = {metric.label: metric.value for metric in app.metric}
+    assert metrics["Classes"] == "10" and metrics["Usable images"] == "1797" and metrics["Left out"] == "0"
+    assert app.session_state["dataset_path"].endswith("samples/digits")
+
+
+def test_data_page_refuses_a_folder_outside_the_roots(app_environment, tmp_path):
+    outside = make_dataset(tmp_path / "elsewhere", per_class=3)
+    app = open_page("pages/data.py")
+    app.radio(key="data_source").set_value("Folder on the server").run()
+    app.text_input(key="typed_path").set_value(str(outside)).run()
+    app.button[0].click().run()
+    assert any("outside the data roots" in error.value for error in app.error)
+    assert "dataset_path" not in app.session_state
+
+
+def test_data_page_reports_bad_files_and_imbalance(app_environment):
+    root = make_dataset(app_environment / "appdata" / "messy", per_class=4)
+    for number in range(8):
+        shutil.copy(next((root / "cats").glob("*.png")), root / "cats" / f"extra_{number}.png")
+    (root / "dogs" / "broken.jpg").write_bytes(b"")
+    app = open_page("pages/data.py")
+    app.radio(key="data_source").set_value("Folder on the server").run()
+    app.text_input(key="typed_path").set_value(str(root)).run()
+    app.button[0].click().run()
+    assert not app.exception
+    assert {metric.label: metric.value for metric in app.metric}["Left out"] == "1"
+    assert any("imbalanced" in warning.value for warning in app.warning)
+    tables = [table.value for table in app.dataframe if "reason" in table.value.columns]
+    assert "zero bytes" in tables[0]["reason"].iloc[0]
+
+
+def test_train_form_shows_a_bad_value_next_to_its_field(app_environment):
+    data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
+    app = open_page("pages/train.py")
+    app.text_input(key="field.data.path").set_value(str(data))
+    app.number_input(key="field.training.epochs").set_value(0)
+    app.button[0].click().run()  # the form's submit button
+    assert not app.exception
+    messages = [error.value for error in app.error]
+    assert any("`training.epochs` must be ≥ 1" in message for message in messages), messages
+    runs_dir = app_environment / "runs"
+    assert not runs_dir.exists() or not [entry for entry in runs_dir.iterdir() if entry.is_dir()]
+
+
+def test_train_form_starts_a_real_run_through_the_queue(app_environment):
+    data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
+    app = open_page("pages/train.py")
+    app.text_input(key="field.data.path").set_value(str(data))
+    app.selectbox(key="field.model.backbone").set_value("MobileNet")
+    app.selectbox(key="field.model.alpha").set_value(0.25)
+    app.number_input(key="field.model.image_size").set_value(32)
+    app.radio(key="field.model.weights").set_value("none")
+    app.number_input(key="field.training.epochs").set_value(2)
+    app.button[0].click().run()
+    assert not app.exception, app.exception
+    runs = [entry for entry in (app_environment / "runs").iterdir() if entry.is_dir()]
+    assert len(runs) == 1
+    config = RunConfig.load(runs[0] / "config.json")
+    assert (config.model.backbone, config.model.alpha, config.model.image_size) == ("MobileNet", 0.25, 32)
+    final = jobs.wait_for(runs[0].name, timeout=180, runs_dir=app_environment / "runs")
+    assert final["state"] == "finished", final
+
+
+def test_monitor_shows_a_finished_run_and_disables_stop(app_environment, finished_run, monkeypatch):
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(finished_run.parent))
+    app = open_page("pages/monitor.py")
+    metrics = {metric.label: metric.value for metric in app.metric}
+    assert metrics["Epoch"] == "2 / 2"
+    # A finished run can neither be stopped nor resumed.
+    assert app.button(key="stop").disabled and app.button(key="resume").disabled
+    assert "FINISHED" in app.success[0].value
+
+
+def test_evaluate_shows_the_images_of_a_chosen_cell(app_environment, finished_run, monkeypatch):
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(finished_run.parent))
+    app = open_page("pages/evaluate.py")
+    predictions = runfiles.read_csv(finished_run / "predictions.csv")
+    row = next(row for row in predictions if row["split"] == "validation")
+    app.selectbox(key="cell_true").set_value(row["true"]).run()
+    app.selectbox(key="cell_predicted").set_value(row["predicted"]).run()
+    assert not app.exception
+    assert any(f"True {row['true']}, predicted {row['predicted']}" in markdown.value for markdown in app.markdown)
+    table = next(table.value for table in app.dataframe if "precision" in table.value.columns)
+    assert list(table["class"]) == ["birds", "cats", "dogs"]
+
+
+def test_home_lists_a_running_run_and_reattaches_from_a_new_session(app_environment, monkeypatch):
+    data = make_dataset(app_environment / "appdata" / "tiny", per_class=20)
+    config = RunConfig().replace(**{"data.path": str(data), "model.backbone": "MobileNet", "model.alpha": 0.25,
+                                    "model.weights": "none", "model.image_size": 32, "training.epochs": 300,
+                                    "training.batch_size": 2})
+    run_id = jobs.start(config, app_environment / "runs")
+    deadline = time.time() + 120
+    while time.time() < deadline and not runfiles.read_jsonl(app_environment / "runs" / run_id / "metrics.jsonl"):
+        time.sleep(0.5)
+    home = open_page("pages/home.py")
+    assert list(home.dataframe[0].value["State"]) == ["running"]
+    monitor = open_page("pages/monitor.py")  # a new session: nothing remembered but the run folder
+    assert "RUNNING" in monitor.info[0].value
+    monitor.button(key="stop").click().run()
+    assert jobs.wait_for(run_id, timeout=60, runs_dir=app_environment / "runs")["state"] == "stopped"
