@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8501
+# Folders the dashboard may train from, besides its own data/ folder (samples, uploads).
+# ../shared/data is the real data beside this checkout in the project's workplace.
+DATA_ROOTS ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: run test test-all bench clean-venv
+.PHONY: run test test-all clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +24,8 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	touch $(VENV)/.runtime-installed $@
 
 run: $(VENV)/.runtime-installed
-	$(BIN)/python -m streamlit run streamlit_app.py --server.port $(PORT)
+	TRANSFER_STUDIO_DATA_ROOTS="$${TRANSFER_STUDIO_DATA_ROOTS:-$(DATA_ROOTS)}" \
+		$(BIN)/python -m streamlit run streamlit_app.py --server.port $(PORT)
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
@@ -29,9 +33,6 @@ test: $(VENV)/.dev-installed
 # Everything, including the slow marks (every backbone's build, real-data training).
 test-all: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m ""
-
-bench: $(VENV)/.runtime-installed
-	$(BIN)/python bench/run_benchmarks.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -60,6 +60,9 @@ def choose_dataset() -> str | None:
                 st.session_state["dataset_path"] = str(extract_zip(upload))
             except ValueError as error:
                 st.error(str(error))
+    if "dataset_path" not in st.session_state:
+        # First visit: show the built-in sample, so there is something to look at and train on.
+        st.session_state["dataset_path"] = str(ensure_sample("digits").resolve())
     return st.session_state.get("dataset_path")
 
 

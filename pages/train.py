@@ -191,6 +191,12 @@ def draw_form() -> bool:
 
 st.title("Train")
 all_presets = presets()
+if "dataset_path" not in st.session_state:
+    from engine.samples import ensure_sample
+
+    # Nothing chosen yet: the built-in digits sample, so Start works on a fresh install.
+    st.session_state["dataset_path"] = str(ensure_sample("digits").resolve())
+    st.info("Using the built-in **digits** sample; choose your own images on the Data page.")
 preset = st.selectbox("Start from a preset", ["default"] + list(all_presets),
                       help="The three tutorial recipes, with their settings filled in.")
 if st.session_state.get("loaded_preset") != preset or "field.training.epochs" not in st.session_state:

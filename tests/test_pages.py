@@ -59,9 +59,8 @@ def test_every_page_renders_with_a_finished_run(page, app_environment, finished_
     assert not app.error, [error.value for error in app.error]
 
 
-def test_data_page_uses_the_built_in_sample(app_environment):
+def test_data_page_opens_on_the_built_in_sample(app_environment):
     app = open_page("pages/data.py")
-    app.button[0].click().run()  # "Use this sample" (digits is preselected)
     assert not app.exception
     metrics = {metric.label: metric.value for metric in app.metric}
     assert metrics["Classes"] == "10" and metrics["Usable images"] == "1797" and metrics["Left out"] == "0"
@@ -75,7 +74,7 @@ def test_data_page_refuses_a_folder_outside_the_roots(app_environment, tmp_path)
     app.text_input(key="typed_path").set_value(str(outside)).run()
     app.button[0].click().run()
     assert any("outside the data roots" in error.value for error in app.error)
-    assert "dataset_path" not in app.session_state
+    assert app.session_state["dataset_path"].endswith("samples/digits")  # unchanged: the default sample
 
 
 def test_data_page_reports_bad_files_and_imbalance(app_environment):
