@@ -163,9 +163,16 @@ def weights_status(alpha_by_backbone: Optional[dict] = None) -> list[dict]:
             "preprocess": spec.preprocess,
             "weights_file": path.name,
             "folder": str(path.parent),
-            "available": path.is_file() and path.stat().st_size > 0,
+            "available": _present(path),
+            # Widths whose ImageNet weights (at the default size) are on disk.
+            "available_alphas": [alpha for alpha in spec.alphas
+                                 if _present(imagenet_weights_path(spec.name, alpha))],
         })
     return report
+
+
+def _present(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from engine import jobs
-from engine.backbones import BACKBONES, weights_status
+from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
 from engine.config import CACHE_MODES, CLASS_WEIGHT_MODES, FLIP_MODES, MONITORS, OPTIMIZERS, RunConfig, set_dotted
 from engine.ingest import data_roots, resolve_in_roots
 from ui import runs_root, secret_data_roots
@@ -81,16 +81,36 @@ def validate(data: dict):
         resolve_in_roots(config.data.path, data_roots(secret_data_roots()))
     except ValueError as error:
         return None, {"data.path": str(error)}
+    if config.model.weights == "imagenet":
+        # Say it here, before a run is started, rather than as a failed run.
+        try:
+            check_imagenet_weights(config.model.backbone, config.model.resolved_alpha, config.model.resolved_image_size)
+        except WeightsUnavailableError as error:
+            return None, {"model.backbone": str(error)}
     return config, {}
 
 
+def offline_default(config: RunConfig) -> RunConfig:
+    """The config, switched to a backbone whose ImageNet weights are on this machine when its own are not."""
+    status = {row["name"]: row for row in weights_status()}
+    wanted = status[config.model.backbone]
+    if config.model.weights != "imagenet" or wanted["available"]:
+        return config
+    for row in status.values():
+        if row["available"]:
+            return config.replace(**{"model.backbone": row["name"], "model.alpha": None})
+        if row["available_alphas"]:
+            return config.replace(**{"model.backbone": row["name"], "model.alpha": row["available_alphas"][0]})
+    return config
+
+
 def backbone_label(name: str, offline: dict) -> str:
-    ready = "✓ ready offline" if offline.get(name) else "downloads weights on first use"
+    ready = "ready offline" if offline.get(name) else "weights not on this machine"
     return f"{name} — {BACKBONES[name].family} ({ready})"
 
 
 def draw_form() -> bool:
-    offline = {row["name"]: row["available"] for row in weights_status()}
+    offline = {row["name"]: row["available"] or bool(row["available_alphas"]) for row in weights_status()}
     with st.form("train_form"):
         st.subheader("Data")
         widget(st.text_input, "data.path", "Dataset folder", "A folder of class subfolders; choose it on the Data page.")
@@ -200,7 +220,7 @@ if "dataset_path" not in st.session_state:
 preset = st.selectbox("Start from a preset", ["default"] + list(all_presets),
                       help="The three tutorial recipes, with their settings filled in.")
 if st.session_state.get("loaded_preset") != preset or "field.training.epochs" not in st.session_state:
-    chosen = all_presets.get(preset, RunConfig())
+    chosen = all_presets.get(preset) or offline_default(RunConfig())
     load_into_form(chosen.replace(**{"data.path": st.session_state.get("dataset_path", "")}))
     st.session_state["loaded_preset"] = preset
     st.session_state["train_errors"] = {}

@@ -2,6 +2,7 @@
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -163,3 +164,42 @@ def test_home_lists_a_running_run_and_reattaches_from_a_new_session(app_environm
     assert "RUNNING" in monitor.info[0].value
     monitor.button(key="stop").click().run()
     assert jobs.wait_for(run_id, timeout=60, runs_dir=app_environment / "runs")["state"] == "stopped"
+
+
+def test_train_form_names_missing_imagenet_weights_before_starting(app_environment):
+    data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
+    app = open_page("pages/train.py")
+    app.text_input(key="field.data.path").set_value(str(data))
+    app.selectbox(key="field.model.backbone").set_value("ResNet50")
+    app.radio(key="field.model.weights").set_value("imagenet")
+    app.button[0].click().run()
+    messages = [error.value for error in app.error]
+    assert any("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message for message in messages), messages
+    runs_dir = app_environment / "runs"
+    assert not runs_dir.exists() or not [entry for entry in runs_dir.iterdir() if entry.is_dir()]
+
+
+@pytest.mark.real_data
+def test_train_form_defaults_to_a_backbone_ready_offline(app_environment, keras_home_with_mobilenet):
+    app = open_page("pages/train.py")
+    assert app.selectbox(key="field.model.backbone").value == "MobileNet"
+    assert app.selectbox(key="field.model.alpha").value == 0.25
+
+
+def test_evaluate_works_with_twelve_classes(app_environment, tmp_path, monkeypatch):
+    import numpy as np
+
+    from engine.evaluate import write_evaluation
+
+    classes = [f"class_{number:02d}" for number in range(12)]
+    data = make_dataset(tmp_path / "twelve", classes=tuple(classes), per_class=2)
+    run_dir = create_run(RunConfig().replace(**{"data.path": str(data)}), app_environment / "runs")
+    paths = sorted(str(path) for path in data.rglob("*.*"))
+    true = np.array([classes.index(Path(path).parent.name) for path in paths])
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(12), size=len(paths))
+    write_evaluation(run_dir, classes, {"validation": (paths, true, probabilities)})
+    app = open_page("pages/evaluate.py")
+    assert not app.exception, app.exception
+    table = next(table.value for table in app.dataframe if "precision" in table.value.columns)
+    assert len(table) == 12
+    assert app.selectbox(key="cell_true").options == classes
