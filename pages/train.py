@@ -7,7 +7,8 @@ import streamlit as st
 
 from engine import jobs
 from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
-from engine.config import CACHE_MODES, CLASS_WEIGHT_MODES, FLIP_MODES, MONITORS, OPTIMIZERS, RunConfig, set_dotted
+from engine.config import (CACHE_MODES, CLASS_WEIGHT_MODES, FLIP_MODES, MONITORS, OPTIMIZERS, RunConfig, set_dotted,
+                           with_offline_backbone)
 from engine.ingest import data_roots, resolve_in_roots
 from ui import runs_root, secret_data_roots
 
@@ -88,20 +89,6 @@ def validate(data: dict):
         except WeightsUnavailableError as error:
             return None, {"model.backbone": str(error)}
     return config, {}
-
-
-def offline_default(config: RunConfig) -> RunConfig:
-    """The config, switched to a backbone whose ImageNet weights are on this machine when its own are not."""
-    status = {row["name"]: row for row in weights_status()}
-    wanted = status[config.model.backbone]
-    if config.model.weights != "imagenet" or wanted["available"]:
-        return config
-    for row in status.values():
-        if row["available"]:
-            return config.replace(**{"model.backbone": row["name"], "model.alpha": None})
-        if row["available_alphas"]:
-            return config.replace(**{"model.backbone": row["name"], "model.alpha": row["available_alphas"][0]})
-    return config
 
 
 def backbone_label(name: str, offline: dict) -> str:
@@ -220,7 +207,7 @@ if "dataset_path" not in st.session_state:
 preset = st.selectbox("Start from a preset", ["default"] + list(all_presets),
                       help="The three tutorial recipes, with their settings filled in.")
 if st.session_state.get("loaded_preset") != preset or "field.training.epochs" not in st.session_state:
-    chosen = all_presets.get(preset) or offline_default(RunConfig())
+    chosen = all_presets.get(preset) or with_offline_backbone(RunConfig())
     load_into_form(chosen.replace(**{"data.path": st.session_state.get("dataset_path", "")}))
     st.session_state["loaded_preset"] = preset
     st.session_state["train_errors"] = {}

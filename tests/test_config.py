@@ -11,9 +11,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_are_valid_and_resolve_backbone_defaults():
     config = RunConfig()
-    assert config.model.backbone == "MobileNetV2"
+    assert config.model.backbone == "EfficientNetLite0"
     assert config.model.resolved_image_size == 224
-    assert config.model.resolved_alpha == 1.0
+    assert config.model.resolved_alpha is None
+    mobilenet = config.replace(**{"model.backbone": "MobileNetV2"})
+    assert mobilenet.model.resolved_alpha == 1.0
     assert config.fine_tuning.enabled is False
     assert config.fine_tuning.learning_rate == 1e-5
 
@@ -26,7 +28,7 @@ def test_defaults_are_valid_and_resolve_backbone_defaults():
         ("training.optimizer", "adagrad", "one of 'adam', 'rmsprop', 'sgd'"),
         ("training.learning_rate", 0, "`training.learning_rate` must be > 0.0"),
         ("model.backbone", "ResNet9000", "`model.backbone` must be one of"),
-        ("model.alpha", 0.3, "`model.alpha` must be one of 0.35, 0.5"),
+        ("model.alpha", 0.3, "`model.alpha` must be null (None): EfficientNetLite0 has no width multiplier"),
         ("model.image_size", 8, "`model.image_size` must be ≥ 32"),
         ("model.dropout", 1.0, "`model.dropout` must be ≥ 0.0 and < 1.0"),
         ("data.validation_fraction", 0, "`data.validation_fraction` must be > 0.0"),
@@ -60,7 +62,7 @@ def test_unknown_setting_is_named():
 
 
 def test_strings_from_the_command_line_are_converted():
-    config = RunConfig().replace(**{"training.epochs": "7", "model.alpha": "0.5",
+    config = RunConfig().replace(**{"training.epochs": "7", "model.backbone": "MobileNet", "model.alpha": "0.5",
                                     "callbacks.checkpoint.enabled": "true", "model.image_size": "null"})
     assert config.training.epochs == 7
     assert config.model.alpha == 0.5

@@ -179,11 +179,27 @@ def test_train_form_names_missing_imagenet_weights_before_starting(app_environme
     assert not runs_dir.exists() or not [entry for entry in runs_dir.iterdir() if entry.is_dir()]
 
 
-@pytest.mark.real_data
-def test_train_form_defaults_to_a_backbone_ready_offline(app_environment, keras_home_with_mobilenet):
+def test_train_form_opens_on_the_offline_backbone_and_the_digits_sample(app_environment):
     app = open_page("pages/train.py")
-    assert app.selectbox(key="field.model.backbone").value == "MobileNet"
-    assert app.selectbox(key="field.model.alpha").value == 0.25
+    assert app.selectbox(key="field.model.backbone").value == "EfficientNetLite0"
+    assert app.text_input(key="field.data.path").value.endswith("samples/digits")
+    assert "ready offline" in app.selectbox(key="field.model.backbone").format_func("EfficientNetLite0")
+
+
+@pytest.mark.real_data
+def test_defaults_switch_to_a_backbone_whose_weights_are_here(keras_home_with_mobilenet, monkeypatch):
+    import dataclasses
+
+    from engine.backbones import BACKBONES
+    from engine.config import with_offline_backbone
+
+    # Pretend Lite0's weights package is missing: the MobileNet α=0.25 file is what is on disk.
+    monkeypatch.setitem(BACKBONES, "EfficientNetLite0",
+                        dataclasses.replace(BACKBONES["EfficientNetLite0"], offline_weights=lambda: False))
+    chosen = with_offline_backbone(RunConfig())
+    assert (chosen.model.backbone, chosen.model.alpha) == ("MobileNet", 0.25)
+    assert with_offline_backbone(RunConfig().replace(**{"model.weights": "none"})).model.backbone == \
+        "EfficientNetLite0"
 
 
 def test_evaluate_works_with_twelve_classes(app_environment, tmp_path, monkeypatch):

