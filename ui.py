@@ -19,22 +19,26 @@ def secret_data_roots() -> list[str]:
     return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
 
 
-def run_label(run: dict) -> str:
-    """How a run is named in pickers: icon, id, state and best accuracy."""
+def run_label(run: dict, show_state: bool = True) -> str:
+    """How a run is named in pickers: id, state and best accuracy."""
     best = run.get("best_val_accuracy")
-    best_text = f" · best {best:.1%}" if isinstance(best, (int, float)) else ""
-    return f"{run['run_id']} · {run['state']}{best_text}"
+    best_text = f" · best {best:.1%}" if isinstance(best, (int, float)) and show_state else ""
+    return f"{run['run_id']} · {run['state']}{best_text}" if show_state else f"{run['run_id']} · {run['backbone']}"
 
 
-def pick_run(runs: list[dict], key: str, label: str = "Run", preferred: str | None = None) -> dict | None:
-    """A run selectbox that remembers its choice in the address (`?run=`), so a reload reattaches."""
+def pick_run(runs: list[dict], key: str, label: str = "Run", preferred: str | None = None,
+             show_state: bool = True) -> dict | None:
+    """A run selectbox that remembers its choice in the address (`?run=`), so a reload reattaches.
+
+    `show_state=False` leaves the state out of the labels, for pages that show it live elsewhere.
+    """
     if not runs:
         return None
     ids = [run["run_id"] for run in runs]
     wanted = st.query_params.get("run") or preferred or st.session_state.get("current_run")
     index = ids.index(wanted) if wanted in ids else 0
     chosen_id = st.selectbox(label, ids, index=index, key=key,
-                             format_func=lambda run_id: run_label(runs[ids.index(run_id)]))
+                             format_func=lambda run_id: run_label(runs[ids.index(run_id)], show_state))
     st.query_params["run"] = chosen_id
     st.session_state["current_run"] = chosen_id
     return runs[ids.index(chosen_id)]

@@ -6,7 +6,7 @@ import streamlit as st
 from engine import jobs
 from engine.interpret import log_tail, metrics_frames, phase_two_start
 from engine.runs import get_run
-from ui import all_runs, pick_run, run_label, runs_root
+from ui import all_runs, pick_run, runs_root
 
 REFRESH_SECONDS = 1.5
 COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
@@ -103,6 +103,6 @@ if not runs:
     st.info("No runs yet. Start one on the Train page.")
     st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
-current = pick_run(runs, key="monitor_run")
+current = pick_run(runs, key="monitor_run", show_state=False)  # the live view below shows the state
 live_view(current["path"])
 compare(runs, current)
