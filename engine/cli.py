@@ -111,9 +111,13 @@ def config_from_arguments(arguments) -> RunConfig:
             raise CommandError(f"--set takes NAME=VALUE; received {assignment!r}.")
         name, value = assignment.split("=", 1)
         set_dotted(data, name.strip(), _parse_value(value))
+    if str(data["data"]["path"]).startswith("sample:"):
+        from engine.samples import ensure_sample
+
+        data["data"]["path"] = str(ensure_sample(data["data"]["path"][len("sample:"):]).resolve())
     config = RunConfig.from_dict(data)
     if not config.data.path:
-        raise CommandError("No data folder: give --data DIR or data.path in the config file.")
+        raise CommandError("No data folder: give --data DIR (or --data sample:digits) or data.path in the config file.")
     return config
 
 

@@ -216,6 +216,13 @@ if st.session_state.get("dataset_path") and st.session_state.get("loaded_dataset
     st.session_state["field.data.path"] = st.session_state["dataset_path"]
     st.session_state["loaded_dataset"] = st.session_state["dataset_path"]
 
+with st.expander("Which backbones are ready offline?"):
+    st.caption("A backbone is ready when its ImageNet weights are on this machine. For the others, put the "
+               "named file in the named folder (or start with weights 'none').")
+    st.dataframe([{"backbone": row["name"], "ready offline": row["available"] or bool(row["available_alphas"]),
+                   "weights file": row["weights_file"], "folder": row["folder"]} for row in weights_status()],
+                 hide_index=True)
+
 if draw_form():
     config, errors = validate(collect())
     st.session_state["train_errors"] = errors

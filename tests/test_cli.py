@@ -104,3 +104,17 @@ def test_backbones_lists_weights_availability(capsys):
     assert main(["backbones", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {row["name"] for row in rows} >= {"MobileNet", "VGG16", "ConvNeXtTiny"}
+
+
+def test_data_can_name_a_built_in_sample(tmp_path, monkeypatch):
+    from engine.cli import build_parser, config_from_arguments
+
+    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
+    config = config_from_arguments(build_parser().parse_args(["train", "--data", "sample:digits"]))
+    assert config.data.path.endswith("samples/digits")
+    assert len(list((tmp_path / "appdata" / "samples" / "digits").rglob("*.png"))) == 1797
+
+
+def test_unknown_sample_is_one_line(capsys):
+    assert main(["train", "--data", "sample:imagenet"]) == 2
+    assert "Unknown sample 'imagenet'; choose one of: digits" in _error_line(capsys)

@@ -219,3 +219,12 @@ def test_evaluate_works_with_twelve_classes(app_environment, tmp_path, monkeypat
     table = next(table.value for table in app.dataframe if "precision" in table.value.columns)
     assert len(table) == 12
     assert app.selectbox(key="cell_true").options == classes
+
+
+def test_train_page_lists_which_backbones_are_ready_offline(app_environment):
+    app = open_page("pages/train.py")
+    table = next(table.value for table in app.dataframe if "weights file" in table.value.columns)
+    rows = table.set_index("backbone")
+    assert bool(rows.loc["EfficientNetLite0", "ready offline"]) is True
+    assert bool(rows.loc["VGG16", "ready offline"]) is False
+    assert rows.loc["VGG16", "weights file"] == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
