@@ -18,7 +18,14 @@ from PIL import Image
 
 SAMPLES = {
     "digits": "Handwritten digits 0–9 (1797 small grey images, 10 classes), bundled with scikit-learn.",
+    "cats_vs_dogs": "Cats and dogs photos (3000 JPEGs, the TensorFlow tutorial's subset), downloaded once (68 MB).",
 }
+# The address the TensorFlow transfer-learning tutorial downloads its cats-vs-dogs subset from.
+CATS_VS_DOGS_URL = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
+
+
+class SampleUnavailableError(ValueError):
+    """A downloadable sample cannot be downloaded here; the message says what to use instead."""
 
 
 def default_data_dir() -> Path:
@@ -36,7 +43,11 @@ def ensure_sample(name: str, data_dir: Optional[str | os.PathLike] = None) -> Pa
         raise ValueError(f"Unknown sample {name!r}; choose one of: {', '.join(SAMPLES)}.")
     target = Path(data_dir or default_data_dir()) / "samples" / name
     if (target / ".complete").is_file():
-        return target
+        # A downloaded sample's marker holds the folder the archive unpacked to.
+        recorded = (target / ".complete").read_text().strip()
+        return Path(recorded) if name in _DOWNLOADERS and recorded != "ok" else target
+    if name in _DOWNLOADERS:
+        return _DOWNLOADERS[name](target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary folder and rename it into place, so a half-written sample is never used.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -65,4 +76,26 @@ def _write_digits(folder: Path) -> None:
         image.save(class_folder / f"digit_{index:04d}.png")
 
 
+def _download_cats_vs_dogs(target: Path) -> Path:
+    """Downloads and unpacks the tutorial's zip with Keras's own `get_file` (cached, with progress)."""
+    from engine.backbones import _download_reachable
+
+    if not _download_reachable("storage.googleapis.com"):
+        raise SampleUnavailableError(
+            "The cats_vs_dogs sample is downloaded from storage.googleapis.com, which this machine cannot "
+            "reach; use the digits sample or a folder of your own images instead.")
+    import keras
+
+    target.mkdir(parents=True, exist_ok=True)
+    archive = keras.utils.get_file("cats_and_dogs_filtered.zip", origin=CATS_VS_DOGS_URL, extract=True,
+                                   cache_dir=str(target), cache_subdir="download")
+    found = sorted(Path(target, "download").rglob("cats_and_dogs_filtered"))
+    dataset = next((path for path in found if (path / "train").is_dir()), None)
+    if dataset is None:
+        raise SampleUnavailableError(f"The downloaded archive {archive} has no cats_and_dogs_filtered/train folder.")
+    (target / ".complete").write_text(str(dataset) + "\n")
+    return dataset
+
+
 _WRITERS = {"digits": _write_digits}
+_DOWNLOADERS = {"cats_vs_dogs": _download_cats_vs_dogs}

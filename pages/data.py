@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
-from engine.samples import SAMPLES, ensure_sample
+from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from ui import secret_data_roots
 
 IMAGES_PER_PAGE = 12
@@ -42,7 +42,11 @@ def choose_dataset() -> str | None:
     if source == "Built-in sample":
         name = st.selectbox("Sample", list(SAMPLES), format_func=lambda key: f"{key} — {SAMPLES[key]}")
         if st.button("Use this sample", type="primary"):
-            st.session_state["dataset_path"] = str(ensure_sample(name).resolve())
+            try:
+                with st.spinner(f"Preparing the {name} sample…"):
+                    st.session_state["dataset_path"] = str(ensure_sample(name).resolve())
+            except SampleUnavailableError as error:
+                st.error(str(error))
     elif source == "Folder on the server":
         folders = [str(folder) for folder in list_dataset_folders(roots)]
         st.caption("Allowed folders: " + (", ".join(f"`{root}`" for root in roots) or "none configured"))

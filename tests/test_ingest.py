@@ -84,3 +84,41 @@ def test_digits_sample_is_written_once(tmp_path):
     assert ensure_sample("digits", tmp_path) == folder and (folder / ".complete").stat().st_mtime_ns == marker
     with pytest.raises(ValueError, match="Unknown sample"):
         ensure_sample("imagenet", tmp_path)
+
+
+def test_cats_vs_dogs_sample_offline_says_so_in_one_sentence(tmp_path):
+    from engine.samples import SampleUnavailableError
+
+    with pytest.raises(SampleUnavailableError) as caught:
+        ensure_sample("cats_vs_dogs", tmp_path)
+    message = str(caught.value)
+    assert "cannot reach" in message and "digits sample" in message and message.count(". ") == 0
+
+
+def test_cats_vs_dogs_sample_unpacks_the_tutorial_archive(tmp_path, monkeypatch):
+    """The download itself is Keras's get_file; here it is handed a locally built archive of the same layout."""
+    import keras
+
+    import engine.backbones
+    from engine.samples import CATS_VS_DOGS_URL
+
+    source = make_dataset(tmp_path / "source", per_class=3, split=True)
+    archive = tmp_path / "cats_and_dogs_filtered.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in source.rglob("*.*"):
+            bundle.write(path, f"cats_and_dogs_filtered/{path.relative_to(source)}")
+    asked = {}
+
+    def fake_get_file(fname, origin, extract, cache_dir, cache_subdir):
+        asked["origin"] = origin
+        folder = os.path.join(cache_dir, cache_subdir)
+        os.makedirs(folder, exist_ok=True)
+        zipfile.ZipFile(archive).extractall(folder)
+        return os.path.join(folder, fname)
+
+    monkeypatch.setattr(engine.backbones, "_download_reachable", lambda host: True)
+    monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
+    folder = ensure_sample("cats_vs_dogs", tmp_path / "data")
+    assert asked["origin"] == CATS_VS_DOGS_URL
+    assert folder.name == "cats_and_dogs_filtered" and (folder / "train" / "cats").is_dir()
+    assert ensure_sample("cats_vs_dogs", tmp_path / "data") == folder  # cached: no second download

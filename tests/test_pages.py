@@ -228,3 +228,11 @@ def test_train_page_lists_which_backbones_are_ready_offline(app_environment):
     assert bool(rows.loc["EfficientNetLite0", "ready offline"]) is True
     assert bool(rows.loc["VGG16", "ready offline"]) is False
     assert rows.loc["VGG16", "weights file"] == "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def test_data_page_says_when_the_download_sample_cannot_be_had(app_environment):
+    app = open_page("pages/data.py")
+    app.selectbox[0].set_value("cats_vs_dogs").run()
+    app.button[0].click().run()
+    assert not app.exception
+    assert any("cannot reach" in error.value and "digits" in error.value for error in app.error)
