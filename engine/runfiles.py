@@ -54,6 +54,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_through_temporary(path: str | os.PathLike, write) -> None:
+    """Calls `write(temporary_path)`, then renames the result onto `path` in one step.
+
+    For writers that need a file name (Keras saves): the temporary name keeps the full
+    suffix (`.keras`, `.weights.h5`) that such writers check.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{os.getpid()}.{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes a text file atomically, encoded as UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"))

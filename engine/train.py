@@ -323,10 +323,4 @@ def _keras_callbacks(config: RunConfig, run_dir: Path) -> list:
 
 def save_model_atomically(model, path: Path) -> None:
     """Saves a Keras model so that `path` is either the old complete file or the new one."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    runfiles.write_through_temporary(path, model.save)
