@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 
 from engine.runs import default_runs_dir, list_runs
 
@@ -52,3 +53,25 @@ def runs_root() -> Path:
 def all_runs() -> list[dict]:
     """Every run, newest first."""
     return list_runs(runs_root())
+
+
+def runs_having(file_name: str) -> list[dict]:
+    """The runs whose folder holds `file_name` (e.g. evaluation.json, model.keras), newest first."""
+    return [run for run in all_runs() if (Path(run["path"]) / file_name).is_file()]
+
+
+@st.cache_data(max_entries=2000)
+def _cached_thumbnail(path: str, modified: float, size: int):
+    from engine.images import load_rgb
+
+    image = Image.fromarray(load_rgb(path))
+    image.thumbnail((size, size))
+    return image
+
+
+def thumbnail(path: str, size: int = 160):
+    """A small upright preview of an image file, so a grid sends kilobytes, not whole photos.
+
+    Cached by path and modification time, so a changed file is read again.
+    """
+    return _cached_thumbnail(path, Path(path).stat().st_mtime, size)

@@ -184,9 +184,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.started_at = started_at
 
     def on_epoch_end(self, epoch, logs=None):
-        from engine.train import save_model_atomically
-
-        save_model_atomically(self.model, self.run_dir / runfiles.CHECKPOINT_MODEL_FILE)
+        runfiles.write_through_temporary(self.run_dir / runfiles.CHECKPOINT_MODEL_FILE, self.model.save)
         state = {"epoch": epoch + 1, "phase": self.phase,
                  "elapsed_seconds": round(time.time() - self.started_at, 3)}
         if self.phase1_epochs is not None:

@@ -116,14 +116,20 @@ def _run_folders(root: Path) -> list[Path]:
                   if entry.is_dir() and (entry / runfiles.CONFIG_FILE).is_file())
 
 
+def _child_environment() -> dict:
+    """This process's environment, with the engine importable whatever the child's working folder."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE_PARENT, environment.get("PYTHONPATH")]))
+    return environment
+
+
 def _launch(run_dir: Path) -> None:
     """Marks the run as starting and launches its supervisor, detached from this process."""
     status = read_status(run_dir)
     status.update(state="running", phase="starting", message="Starting the worker process.",
                   launched_at=time.time(), host=socket.gethostname(), heartbeat=time.time())
     runfiles.atomic_write_json(run_dir / runfiles.STATUS_FILE, status)
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE_PARENT, environment.get("PYTHONPATH")]))
+    environment = _child_environment()
     # The launcher exits at once after spawning the supervisor in a new session, so the
     # supervisor is adopted by init and never lingers as a zombie of this process.
     subprocess.run(
@@ -271,8 +277,7 @@ def supervise(run_dir: str | os.PathLike) -> int:
         lock_handle.close()
         return 1  # Another supervisor is running this run.
     launched_at = read_status(run_dir).get("launched_at")
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE_PARENT, environment.get("PYTHONPATH")]))
+    environment = _child_environment()
     environment["TRANSFER_STUDIO_LOCK_INHERITED"] = "1"
     with open(run_dir / runfiles.LOG_FILE, "a", encoding="utf-8") as log:
         # The worker inherits the locked file, so the lock lives as long as either process.
@@ -324,7 +329,7 @@ def launch_detached_supervisor(run_dir: str | os.PathLike) -> None:
     subprocess.Popen(
         [sys.executable, "-m", "engine", "supervise", str(run_dir)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, cwd=ENGINE_PARENT, env=os.environ.copy(),
+        start_new_session=True, cwd=ENGINE_PARENT, env=_child_environment(),
     )
 
 

@@ -5,12 +5,11 @@ from pathlib import Path
 import pandas as pd
 import plotly.express as px
 import streamlit as st
-from PIL import Image
 
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
-from ui import secret_data_roots
+from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
 
@@ -22,16 +21,6 @@ def cached_scan(path: str, fingerprint: str):
     files = pd.DataFrame([{"path": item.path, "label": item.label, "split": item.split or "",
                            "width": item.width, "height": item.height, "note": item.note} for item in scan.files])
     return scan, scan.report(), files
-
-
-@st.cache_data(max_entries=2000)
-def thumbnail(path: str, modified: float):
-    """A small preview, so a page of the grid sends kilobytes, not whole photos."""
-    from engine.images import load_rgb
-
-    image = Image.fromarray(load_rgb(path))
-    image.thumbnail((160, 160))
-    return image
 
 
 def choose_dataset() -> str | None:
@@ -111,7 +100,7 @@ def show_grid(files: pd.DataFrame, classes: list) -> None:
     columns = st.columns(6)
     for position, row in enumerate(shown.itertuples()):
         with columns[position % 6]:
-            st.image(thumbnail(row.path, Path(row.path).stat().st_mtime), caption=Path(row.path).name)
+            st.image(thumbnail(row.path), caption=Path(row.path).name)
 
 
 def show_sizes(files: pd.DataFrame) -> None:

@@ -5,11 +5,10 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
 
 from engine import runfiles
 from engine.interpret import cell_images, load_predictions, most_confused, per_class_table, top_losses
-from ui import all_runs, pick_run
+from ui import pick_run, runs_having, thumbnail
 
 GRID_COLUMNS = 6
 
@@ -37,15 +36,6 @@ def confusion_figure(classes: list, matrix: np.ndarray, normalised: bool):
     return figure
 
 
-@st.cache_data(max_entries=500)
-def preview(path: str):
-    from engine.images import load_rgb
-
-    image = Image.fromarray(load_rgb(path))
-    image.thumbnail((200, 200))
-    return image
-
-
 def image_grid(rows, empty_message: str) -> None:
     if rows.empty:
         st.caption(empty_message)
@@ -54,7 +44,7 @@ def image_grid(rows, empty_message: str) -> None:
     for position, row in enumerate(rows.itertuples()):
         with columns[position % GRID_COLUMNS]:
             try:
-                st.image(preview(row.path), caption=f"{Path(row.path).name}: {row.true} → {row.predicted} "
+                st.image(thumbnail(row.path, 200), caption=f"{Path(row.path).name}: {row.true} → {row.predicted} "
                                                     f"({row.confidence:.0%} sure)")
             except OSError:
                 st.caption(f"{Path(row.path).name} is no longer readable.")
@@ -77,7 +67,7 @@ def pick_cell(classes: list, selection) -> tuple[str, str]:
 
 
 st.title("Evaluate")
-runs = [run for run in all_runs() if (Path(run["path"]) / runfiles.EVALUATION_FILE).is_file()]
+runs = runs_having(runfiles.EVALUATION_FILE)
 if not runs:
     st.info("No evaluated runs yet: a run is evaluated when it finishes or is stopped.")
     st.stop()

@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import runfiles
-from ui import all_runs, pick_run
+from ui import pick_run, runs_having
 
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model…")
@@ -36,7 +36,7 @@ def predict(run_path: str, uploads: list, top_k: int) -> list:
 
 
 st.title("Predict")
-runs = [run for run in all_runs() if (Path(run["path"]) / runfiles.MODEL_FILE).is_file()]
+runs = runs_having(runfiles.MODEL_FILE)
 if not runs:
     st.info("No trained model yet: train one first.")
     st.stop()
