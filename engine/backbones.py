@@ -198,6 +198,35 @@ def weights_status(alpha_by_backbone: Optional[dict] = None) -> list[dict]:
     return report
 
 
+def weights_identity(name: str, alpha: Optional[float], image_size: int, weights: str) -> Optional[str]:
+    """A short text that changes whenever the base's starting weights would change, for cache keys.
+
+    Returns None when the weights cannot be identified before they are built (an
+    ImageNet file that Keras would still have to download), so nothing is cached under
+    a name that could later mean other weights. For `weights="none"` the caller adds
+    the random seed.
+    """
+    spec = get_backbone(name)
+    if weights == "none":
+        return "none"
+    if weights == "imagenet":
+        if spec.offline_weights is not None:
+            from engine.efficientnet_lite import torch_weights_path
+
+            path = torch_weights_path()
+        else:
+            path = imagenet_weights_path(name, alpha, image_size)
+    else:
+        path = Path(weights)
+    try:
+        info = path.stat() if path is not None else None
+    except OSError:
+        info = None
+    if info is None:
+        return None
+    return f"{weights}|{path.name}|{info.st_size}|{info.st_mtime_ns}"
+
+
 def _present(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 

@@ -170,23 +170,60 @@ class RunProgress(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the whole model (with its optimizer state) after every epoch, for resume.
+    """Saves the model being trained (with its optimizer state) after every epoch, for resume.
 
     `checkpoint.keras` is replaced atomically, then `checkpoint.json` records which
-    epoch and phase it holds, so a reader never pairs a state with the wrong model.
+    epoch and phase it holds, and whether it is the full model or only the head trained
+    on cached features (`"model": "full" | "head"`), so a reader never pairs a state
+    with the wrong model.
     """
 
-    def __init__(self, run_dir, phase: int, phase1_epochs: Optional[int], started_at: float):
+    def __init__(self, run_dir, phase: int, phase1_epochs: Optional[int], started_at: float, kind: str = "full"):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.phase1_epochs = phase1_epochs
         self.started_at = started_at
+        self.kind = kind
 
     def on_epoch_end(self, epoch, logs=None):
         runfiles.write_through_temporary(self.run_dir / runfiles.CHECKPOINT_MODEL_FILE, self.model.save)
-        state = {"epoch": epoch + 1, "phase": self.phase,
+        state = {"epoch": epoch + 1, "phase": self.phase, "model": self.kind,
                  "elapsed_seconds": round(time.time() - self.started_at, 3)}
         if self.phase1_epochs is not None:
             state["phase1_epochs"] = self.phase1_epochs
         runfiles.atomic_write_json(self.run_dir / runfiles.CHECKPOINT_STATE_FILE, state)
+
+
+class BestFullModelCheckpoint(keras.callbacks.Callback):
+    """`best.keras` for a head trained on cached features: the full model at the best epoch.
+
+    Keras's ModelCheckpoint would save the head alone; this puts the head's weights into
+    the full model (base + head) whenever the monitored value improves, and saves that.
+
+    Args:
+        path: Where to save (`best.keras` in the run folder).
+        monitor: "val_loss" (lower is better) or "val_accuracy" (higher is better).
+        full_model: A function returning the full model (built on first use).
+    """
+
+    def __init__(self, path, monitor: str, full_model):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.full_model = full_model
+        self.best: Optional[float] = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from engine.modeling import copy_head_weights
+
+        value = (logs or {}).get(self.monitor)
+        if value is None or math.isnan(float(value)):
+            return
+        value = float(value)
+        better = self.best is None or (value > self.best if "accuracy" in self.monitor else value < self.best)
+        if better:
+            self.best = value
+            model = self.full_model()
+            copy_head_weights(self.model, model)
+            runfiles.write_through_temporary(self.path, model.save)

@@ -150,18 +150,24 @@ class AugmentationConfig:
         rotation: Largest rotation as a fraction of a full turn (0.1 = ±36°).
         zoom: Largest zoom in or out as a fraction of the image size.
         contrast: Largest contrast change as a fraction.
+        views: With cached features (`training.cached_features`), how many randomly
+            augmented views of every training image are computed once; each epoch the
+            head sees one of them per image. Fully random augmentation every epoch
+            needs `training.cached_features: false` (the slow path).
     """
 
     flip: str = "none"
     rotation: float = 0.0
     zoom: float = 0.0
     contrast: float = 0.0
+    views: int = 5
 
     def __post_init__(self):
         _check_choice("augmentation.flip", self.flip, FLIP_MODES)
         _check_range("augmentation.rotation", self.rotation, 0.0, 1.0)
         _check_range("augmentation.zoom", self.zoom, 0.0, 0.9)
         _check_range("augmentation.contrast", self.contrast, 0.0, 1.0)
+        _check_int("augmentation.views", self.views, 1, 100)
 
     @property
     def enabled(self) -> bool:
@@ -180,6 +186,10 @@ class TrainingConfig:
         learning_rate: Step size of the optimizer.
         seed: Seed for weight initialisation, shuffling and augmentation.
         class_weight: "none", or "balanced" to weight classes inversely to their counts.
+        cached_features: Compute the frozen base's pooled features of every image once,
+            cache them on disk, and train the head on them (fast). False runs every image
+            through the base in every epoch, as the tutorial recipes do (slow; needed only
+            for fully random augmentation).
     """
 
     epochs: int = 10
@@ -191,6 +201,7 @@ class TrainingConfig:
     learning_rate: float = 3e-3
     seed: int = 42
     class_weight: str = "none"
+    cached_features: bool = True
 
     def __post_init__(self):
         _check_int("training.epochs", self.epochs, 1, 10000)
@@ -199,6 +210,7 @@ class TrainingConfig:
         _check_range("training.learning_rate", self.learning_rate, 0.0, 10.0, False, True)
         _check_int("training.seed", self.seed, 0, 2**31 - 1)
         _check_choice("training.class_weight", self.class_weight, CLASS_WEIGHT_MODES)
+        _check_bool("training.cached_features", self.cached_features)
 
 
 @dataclass(frozen=True)

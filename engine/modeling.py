@@ -14,6 +14,8 @@ from engine.config import RunConfig
 from engine.layers import Preprocess
 
 BASE_LAYER_NAME = "base"
+PREPROCESS_LAYER_NAME = "preprocess"
+POOL_LAYER_NAME = "pool"
 
 
 def build_augmentation(config: RunConfig, seed: int):
@@ -56,19 +58,44 @@ def build_model(config: RunConfig, num_classes: int) -> keras.Model:
     augmentation = build_augmentation(config, config.training.seed)
     if augmentation is not None:
         features = augmentation(features)
-    features = Preprocess(spec.preprocess, name="preprocess")(features)
+    features = Preprocess(spec.preprocess, name=PREPROCESS_LAYER_NAME)(features)
     # training=False keeps BatchNorm in inference mode even when layers are unfrozen later.
     features = base(features, training=False)
-    features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    features = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER_NAME)(features)
+    outputs = _add_head(features, config, num_classes)
+    return keras.Model(inputs, outputs, name=f"transfer_{model_config.backbone.lower()}")
+
+
+def _add_head(features, config: RunConfig, num_classes: int):
+    """The new head on pooled features: Dropout → [Dense + ReLU] → the classifier."""
+    model_config = config.model
     if model_config.dropout > 0:
         features = keras.layers.Dropout(model_config.dropout, name="dropout")(features)
     if model_config.hidden_units > 0:
         features = keras.layers.Dense(model_config.hidden_units, activation="relu", name="hidden")(features)
     if num_classes == 2:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(features)
-    else:
-        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(features)
-    return keras.Model(inputs, outputs, name=f"transfer_{model_config.backbone.lower()}")
+        return keras.layers.Dense(1, activation="sigmoid", name="probability")(features)
+    return keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(features)
+
+
+def build_head(config: RunConfig, num_classes: int, feature_size: int) -> keras.Model:
+    """The head alone, on pooled features: the same layers (and names) as the full model's head.
+
+    Phase 1 on cached features trains this small model; `copy_head_weights` then moves
+    its weights into the full model.
+    """
+    if num_classes < 2:
+        raise ValueError(f"`num_classes` must be ≥ 2; received num_classes={num_classes}.")
+    keras.utils.set_random_seed(config.training.seed)
+    inputs = keras.Input(shape=(feature_size,), name="features")
+    return keras.Model(inputs, _add_head(inputs, config, num_classes), name="head")
+
+
+def copy_head_weights(head: keras.Model, model: keras.Model) -> None:
+    """Copies every weighted layer of `head` into the layer of the same name in the full model."""
+    for layer in head.layers:
+        if layer.weights:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
 
 
 def make_optimizer(name: str, learning_rate: float):

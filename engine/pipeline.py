@@ -26,11 +26,16 @@ IMAGE_CACHE_VERSION = 1
 
 
 class ImageCache:
-    """Decoded, resized images of a list of files, in the order given."""
+    """Decoded, resized images of a list of files, in the order given.
 
-    def __init__(self, images: np.ndarray, failed: dict[int, str]):
+    `key` identifies the images on disk (None for an in-memory cache); caches derived
+    from these images, such as backbone features, build their keys on it.
+    """
+
+    def __init__(self, images: np.ndarray, failed: dict[int, str], key: Optional[str] = None):
         self.images = images
         self.failed = failed
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,7 +73,7 @@ def build_image_cache(
             images = np.load(array_path, mmap_mode="r")
             if progress:
                 progress(len(paths), len(paths))
-            return ImageCache(images, {int(index): reason for index, reason in meta.get("failed", {}).items()})
+            return ImageCache(images, {int(index): reason for index, reason in meta.get("failed", {}).items()}, key)
         folder.mkdir(parents=True, exist_ok=True)
         temporary_path = folder / f".{key}.{os.getpid()}.npy.tmp"
         images = np.lib.format.open_memmap(
@@ -86,7 +91,7 @@ def build_image_cache(
                 temporary_path.unlink()
         atomic_write_json(meta_path, {"count": len(paths), "image_size": image_size,
                                       "failed": {str(index): reason for index, reason in failed.items()}})
-        return ImageCache(np.load(array_path, mmap_mode="r"), failed)
+        return ImageCache(np.load(array_path, mmap_mode="r"), failed, key)
     images = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
     failed = _decode_into(images, paths, image_size, progress, workers)
     return ImageCache(images, failed)

@@ -32,6 +32,7 @@ KILL_REQUEST_FILE = "kill.request"
 # Saved after every epoch, so a stopped or failed run resumes where it was.
 CHECKPOINT_MODEL_FILE = "checkpoint.keras"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
+BEST_MODEL_FILE = "best.keras"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -17,6 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -104,6 +105,7 @@ class PreparedData:
     positions: dict
     labels: dict
     paths: dict
+    image_key: Optional[str] = None
 
 
 def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, check_stop) -> PreparedData:
@@ -168,6 +170,7 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
         labels={split: np.array([class_names.index(item.label) for item, _ in pairs], dtype=np.int32)
                 for split, pairs in members.items()},
         paths={split: [item.path for item, _ in pairs] for split, pairs in members.items()},
+        image_key=cache.key,
     )
 
 
@@ -193,61 +196,103 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
     import keras
 
     from engine.callbacks import EpochCheckpoint, RunProgress, StopTrainingNow
-    from engine.modeling import build_model, compile_model, unfreeze_top_layers
+    from engine.modeling import build_head, build_model, compile_model, copy_head_weights, unfreeze_top_layers
     from engine.pipeline import make_dataset
 
     training, fine_tuning = config.training, config.fine_tuning
     num_classes = len(data.class_names)
     checkpoint = _checkpoint_state(run_dir)
-    if checkpoint:
-        import engine.layers  # noqa: F401 - registers our layers for safe-mode loading
-
-        _say(status, echo, "building model", f"Resuming from the checkpoint after epoch {checkpoint['epoch']}.")
-        model = keras.models.load_model(run_dir / CHECKPOINT_MODEL_FILE, safe_mode=True, compile=True)
-        runfiles.append_jsonl(run_dir / runfiles.METRICS_FILE, [
-            {"type": "resume", "epoch": int(checkpoint["epoch"]), "phase": int(checkpoint.get("phase", 1)),
-             "time": time.time()}])
-    else:
-        _say(status, echo, "building model", f"Building {config.model.backbone} with weights {config.model.weights}.")
-        model = build_model(config, num_classes)
-        compile_model(model, training.optimizer, training.learning_rate, num_classes)
     epochs_done = int(checkpoint.get("epoch", 0))
     phase = int(checkpoint.get("phase", 1))
     phase1_epochs = int(checkpoint.get("phase1_epochs", training.epochs if phase == 2 else 0)) or training.epochs
     started_at = time.time() - float(checkpoint.get("elapsed_seconds", 0.0))
-
-    def dataset(split, shuffle):
-        return make_dataset(_take(data.images, data.positions[split]), data.labels[split], training.batch_size,
-                            shuffle=shuffle, seed=training.seed + epochs_done, binary=num_classes == 2)
-
-    train_data, validation_data = dataset("train", True), dataset("validation", False)
     steps_per_epoch = math.ceil(len(data.positions["train"]) / training.batch_size)
     class_weight = _class_weights(data.labels["train"], num_classes) if training.class_weight == "balanced" else None
     planned = training.epochs + (fine_tuning.epochs if fine_tuning.enabled else 0)
-    stopped = False
+    binary = num_classes == 2
+    checkpointed_model = None
+    if checkpoint:
+        import engine.layers  # noqa: F401 - registers our layers for safe-mode loading
 
-    def fit(phase_number, initial_epoch, final_epoch, total_epochs):
+        _say(status, echo, "building model", f"Resuming from the checkpoint after epoch {checkpoint['epoch']}.")
+        checkpointed_model = keras.models.load_model(run_dir / CHECKPOINT_MODEL_FILE, safe_mode=True, compile=True)
+        runfiles.append_jsonl(run_dir / runfiles.METRICS_FILE, [
+            {"type": "resume", "epoch": int(checkpoint["epoch"]), "phase": phase, "time": time.time()}])
+
+    # The full model (base + head) is built only when something needs it: with cached
+    # features, a head can train before the base is even loaded.
+    built = {}
+
+    def full_model():
+        if "model" not in built:
+            if checkpointed_model is not None and checkpoint.get("model", "full") == "full":
+                built["model"] = checkpointed_model
+            else:
+                _say(status, echo, "building model",
+                     f"Building {config.model.backbone} with weights {config.model.weights}.")
+                built["model"] = build_model(config, num_classes)
+                compile_model(built["model"], training.optimizer, training.learning_rate, num_classes)
+        return built["model"]
+
+    def fit(fit_model, train_data, validation_data, phase_number, final_epoch, total_epochs, kind, callbacks):
         progress = RunProgress(run_dir, status, phase_number, steps_per_epoch, training.batch_size,
                                total_epochs, started_at, echo)
         # The checkpoint is saved before the epoch's metrics event is written, so a worker
         # killed in between never leaves an epoch in metrics.jsonl that resume would repeat.
-        saver = EpochCheckpoint(run_dir, phase_number, phase1_epochs if phase_number == 2 else None, started_at)
+        saver = EpochCheckpoint(run_dir, phase_number, phase1_epochs if phase_number == 2 else None, started_at,
+                                kind=kind)
         try:
-            model.fit(train_data, validation_data=validation_data, initial_epoch=initial_epoch,
-                      epochs=final_epoch, callbacks=[saver, progress] + _keras_callbacks(config, run_dir),
-                      class_weight=class_weight, shuffle=False, verbose=0)
+            fit_model.fit(train_data, validation_data=validation_data, initial_epoch=epochs_done,
+                          epochs=final_epoch, callbacks=[saver, progress] + callbacks,
+                          class_weight=class_weight, shuffle=False, verbose=0)
         except StopTrainingNow:
             logger.info("Stop requested: leaving training after the current batch.")
         return progress.completed_epochs, progress.stop_requested
 
-    if phase == 1 and epochs_done < training.epochs:
-        _say(status, echo, "phase 1: training the new head",
-             f"Phase 1: training the new head for epochs {epochs_done + 1}–{training.epochs} "
-             f"on {len(data.positions['train'])} images.")
-        done, stopped = fit(1, epochs_done, training.epochs, planned)
-        epochs_done += done
-        phase1_epochs = epochs_done
+    stopped = False
+    head = None
+    features = {}
+    if phase == 1 and training.cached_features:
+        from engine.features import make_feature_dataset
 
+        features = _cached_features(config, data, full_model, status, echo, check_stop)
+        if checkpointed_model is not None:
+            head = checkpointed_model
+        else:
+            head = build_head(config, num_classes, features["validation"].shape[-1])
+            compile_model(head, training.optimizer, training.learning_rate, num_classes)
+        if epochs_done < training.epochs:
+            _say(status, echo, "phase 1: training the new head",
+                 f"Phase 1: training the new head on cached features for epochs {epochs_done + 1}–"
+                 f"{training.epochs} on {len(data.positions['train'])} images.")
+            train_data = make_feature_dataset(features["train"], data.labels["train"], training.batch_size,
+                                              shuffle=True, seed=training.seed + epochs_done, binary=binary)
+            validation_data = make_feature_dataset(features["validation"], data.labels["validation"],
+                                                   training.batch_size, binary=binary)
+            done, stopped = fit(head, train_data, validation_data, 1, training.epochs, planned, "head",
+                                _keras_callbacks(config, run_dir, full_model))
+            epochs_done += done
+            phase1_epochs = epochs_done
+        model = full_model()
+        copy_head_weights(head, model)
+    else:
+        model = full_model()
+        if phase == 1 and epochs_done < training.epochs:
+            _say(status, echo, "phase 1: training the new head",
+                 f"Phase 1: training the new head for epochs {epochs_done + 1}–{training.epochs} "
+                 f"on {len(data.positions['train'])} images, every image through the base every epoch.")
+
+            def image_data(split, shuffle):
+                return make_dataset(_take(data.images, data.positions[split]), data.labels[split],
+                                    training.batch_size, shuffle=shuffle, seed=training.seed + epochs_done,
+                                    binary=binary)
+
+            done, stopped = fit(model, image_data("train", True), image_data("validation", False), 1,
+                                training.epochs, planned, "full", _keras_callbacks(config, run_dir))
+            epochs_done += done
+            phase1_epochs = epochs_done
+
+    fine_tuned = False
     if fine_tuning.enabled and not stopped:
         unfrozen = unfreeze_top_layers(model, fine_tuning.layers)
         compile_model(model, training.optimizer, fine_tuning.learning_rate, num_classes)
@@ -257,20 +302,35 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
                  f"Phase 2: fine-tuning the last {fine_tuning.layers} layers of the base ({unfrozen} with weights; "
                  f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
                  f"epochs {epochs_done + 1}–{final_epoch}.")
-            done, stopped = fit(2, epochs_done, final_epoch, final_epoch)
+            # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
+            seed = training.seed + epochs_done
+            train_data = make_dataset(_take(data.images, data.positions["train"]), data.labels["train"],
+                                      training.batch_size, shuffle=True, seed=seed, binary=binary)
+            validation_data = make_dataset(_take(data.images, data.positions["validation"]),
+                                           data.labels["validation"], training.batch_size, binary=binary)
+            done, stopped = fit(model, train_data, validation_data, 2, final_epoch, final_epoch, "full",
+                                _keras_callbacks(config, run_dir))
             epochs_done += done
+            fine_tuned = True
 
     _say(status, echo, "saving", "Saving the model.")
     save_model_atomically(model, run_dir / runfiles.MODEL_FILE)
 
     _say(status, echo, "evaluating", "Evaluating on the validation and test images.")
     from engine.evaluate import predict_probabilities, write_evaluation
+    from engine.modeling import probabilities_per_class
 
     split_results = {}
     for split in ("validation", "test"):
-        if data.positions[split]:
+        if not data.positions[split]:
+            continue
+        if head is not None and not fine_tuned and split in features:
+            # The base did not change after the features were computed, so the head on the
+            # cached features gives what the full model gives on the images (tested).
+            probabilities = probabilities_per_class(head.predict(features[split], verbose=0), num_classes)
+        else:
             probabilities = predict_probabilities(model, _take(data.images, data.positions[split]), num_classes)
-            split_results[split] = (data.paths[split], data.labels[split], probabilities)
+        split_results[split] = (data.paths[split], data.labels[split], probabilities)
     evaluation = write_evaluation(run_dir, data.class_names, split_results)
     accuracy = evaluation["splits"]["validation"]["accuracy"]
     final_state = "stopped" if stopped else "finished"
@@ -282,6 +342,81 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
     if echo is not None:
         print(message, file=echo, flush=True)
     return final_state
+
+
+def _cached_features(config: RunConfig, data: PreparedData, full_model, status: StatusWriter, echo,
+                     check_stop) -> dict:
+    """The frozen base's pooled features per split, from the cache or computed once now.
+
+    Returns:
+        {split: (N, D) features}; with augmentation, "train" holds (K, N, D) augmented views.
+    """
+    from engine.features import (build_feature_extractor, compute_features, feature_cache_key,
+                                 load_cached_features, save_cached_features)
+
+    views = config.augmentation.views if config.augmentation.enabled else 0
+    present = [split for split in ("train", "validation", "test") if data.positions[split]]
+    clean_splits = [split for split in present if not (split == "train" and views)]
+    image_key = data.image_key if config.data.cache == "disk" else None
+    # One job per feature array: the un-augmented features of every split that uses them,
+    # and, with augmentation, the K augmented views of the training images.
+    jobs = [FeatureJob(clean_splits, [position for split in clean_splits for position in data.positions[split]], 0)]
+    if views:
+        jobs.append(FeatureJob(["train"], data.positions["train"], views))
+    for job in jobs:
+        job.key = feature_cache_key(image_key, config, job.positions, job.views)
+        job.array = load_cached_features(job.key)
+    missing = [job for job in jobs if job.array is None]
+    total = sum(len(job.positions) * max(1, job.views) for job in missing)
+    if total:
+        model = full_model()
+        extractor = build_feature_extractor(model)
+        augmentation = model.get_layer("augmentation") if views else None
+        _say(status, echo, "computing features",
+             f"Computing {config.model.backbone} features of {total} images once "
+             f"({views} augmented views of each training image)." if views else
+             f"Computing {config.model.backbone} features of {total} images once.")
+        done = [0]
+        began = time.time()
+
+        def progress(count):
+            check_stop()
+            done[0] += count
+            rate = done[0] / max(time.time() - began, 1e-9)
+            status.update(message=f"Computing features: {done[0]}/{total} images ({rate:.0f}/s).",
+                          images_per_second=round(rate, 1),
+                          eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
+
+        for job in missing:
+            job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress)
+            save_cached_features(job.key, job.array)
+        seconds = time.time() - began
+        logger.info("Features of %d images computed in %.1f s (%.0f images/s).", total, seconds,
+                    total / max(seconds, 1e-9))
+    else:
+        _say(status, echo, "computing features", "Backbone features found in the cache; nothing to compute.")
+    features = {}
+    for job in jobs:
+        if job.views:
+            features["train"] = job.array
+            continue
+        start = 0
+        for split in job.splits:
+            count = len(data.positions[split])
+            features[split] = job.array[start:start + count]
+            start += count
+    return features
+
+
+@dataclass
+class FeatureJob:
+    """One feature array: which splits it covers, their image rows, augmented views (0 = none)."""
+
+    splits: list
+    positions: list
+    views: int
+    key: Optional[str] = None
+    array: Optional[np.ndarray] = None
 
 
 def _take(images, positions: list[int]) -> np.ndarray:
@@ -300,8 +435,16 @@ def _class_weights(train_labels: np.ndarray, num_classes: int) -> dict:
     return {index: float(total / (num_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
 
 
-def _keras_callbacks(config: RunConfig, run_dir: Path) -> list:
+def _keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
+    """The callbacks the config switches on.
+
+    Args:
+        full_model: When training the head alone on cached features, a function returning
+            the full model, so that `best.keras` is the full model, not the head.
+    """
     import keras
+
+    from engine.callbacks import BestFullModelCheckpoint
 
     callbacks = []
     early = config.callbacks.early_stopping
@@ -311,8 +454,12 @@ def _keras_callbacks(config: RunConfig, run_dir: Path) -> list:
             restore_best_weights=True, mode="auto"))
     checkpoint = config.callbacks.checkpoint
     if checkpoint.enabled:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            str(run_dir / "best.keras"), monitor=checkpoint.monitor, save_best_only=True))
+        best_path = run_dir / runfiles.BEST_MODEL_FILE
+        if full_model is not None:
+            callbacks.append(BestFullModelCheckpoint(best_path, checkpoint.monitor, full_model))
+        else:
+            callbacks.append(keras.callbacks.ModelCheckpoint(str(best_path), monitor=checkpoint.monitor,
+                                                             save_best_only=True))
     reduce_lr = config.callbacks.reduce_lr
     if reduce_lr.enabled:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
