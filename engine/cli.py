@@ -43,6 +43,9 @@ TRAIN_FLAGS = {
     "fine_tune_learning_rate": "fine_tuning.learning_rate",
 }
 
+TRAIN_HELP = {"data": "a folder of class subfolders, sample:NAME (sample:digits, sample:cats_vs_dogs) or "
+                      "tfds:NAME (a TensorFlow Datasets image-classification dataset, e.g. tfds:beans)"}
+
 
 class CommandError(Exception):
     """A user error to print on one line."""
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a JSON or YAML config file (see configs/)")
     train.add_argument("--runs-dir", help="where run folders go (default $TRANSFER_STUDIO_RUNS or ./runs)")
     for flag in TRAIN_FLAGS:
-        train.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None)
+        train.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=TRAIN_HELP.get(flag))
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
     train.add_argument("--quiet", action="store_true", help="print only the run folder")
@@ -111,14 +114,25 @@ def config_from_arguments(arguments) -> RunConfig:
             raise CommandError(f"--set takes NAME=VALUE; received {assignment!r}.")
         name, value = assignment.split("=", 1)
         set_dotted(data, name.strip(), _parse_value(value))
-    if str(data["data"]["path"]).startswith("sample:"):
-        from engine.samples import ensure_sample
-
-        data["data"]["path"] = str(ensure_sample(data["data"]["path"][len("sample:"):]).resolve())
+    data["data"]["path"] = resolve_data_path(data["data"]["path"])
     config = RunConfig.from_dict(data)
     if not config.data.path:
         raise CommandError("No data folder: give --data DIR (or --data sample:digits) or data.path in the config file.")
     return config
+
+
+def resolve_data_path(path):
+    """`sample:NAME` and `tfds:NAME` become the folder the sample is written to (once); others pass through."""
+    text = str(path or "")
+    if text.startswith("sample:"):
+        from engine.samples import ensure_sample
+
+        return str(ensure_sample(text[len("sample:"):]).resolve())
+    if text.startswith("tfds:"):
+        from engine.tfds_samples import ensure_tfds_dataset
+
+        return str(ensure_tfds_dataset(text[len("tfds:"):]).resolve())
+    return path
 
 
 def _parse_value(text: str):

@@ -1,4 +1,4 @@
-"""Data: choose a dataset (sample, server folder, zip upload) and see what the scan found."""
+"""Data: choose a dataset (sample, TensorFlow Datasets, server folder, zip upload) and see what the scan found."""
 
 from pathlib import Path
 
@@ -9,6 +9,7 @@ import streamlit as st
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
+from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
@@ -26,7 +27,8 @@ def cached_scan(path: str, fingerprint: str):
 def choose_dataset() -> str | None:
     """The dataset chooser; returns the chosen folder (remembered for the Train page)."""
     roots = data_roots(secret_data_roots())
-    source = st.radio("Where are your images?", ["Built-in sample", "Folder on the server", "Upload a zip"],
+    source = st.radio("Where are your images?",
+                      ["Built-in sample", "TensorFlow Datasets", "Folder on the server", "Upload a zip"],
                       horizontal=True, key="data_source")
     if source == "Built-in sample":
         name = st.selectbox("Sample", list(SAMPLES), format_func=lambda key: f"{key} — {SAMPLES[key]}")
@@ -36,6 +38,8 @@ def choose_dataset() -> str | None:
                     st.session_state["dataset_path"] = str(ensure_sample(name).resolve())
             except SampleUnavailableError as error:
                 st.error(str(error))
+    elif source == "TensorFlow Datasets":
+        choose_tfds_dataset()
     elif source == "Folder on the server":
         folders = [str(folder) for folder in list_dataset_folders(roots)]
         st.caption("Allowed folders: " + (", ".join(f"`{root}`" for root in roots) or "none configured"))
@@ -57,6 +61,28 @@ def choose_dataset() -> str | None:
         # First visit: show the built-in sample, so there is something to look at and train on.
         st.session_state["dataset_path"] = str(ensure_sample("digits").resolve())
     return st.session_state.get("dataset_path")
+
+
+def choose_tfds_dataset() -> None:
+    """A suggested TensorFlow Datasets name or any typed one, prepared once as class folders."""
+    suggested = st.selectbox("Dataset", list(TFDS_SUGGESTIONS), key="tfds_suggested",
+                             format_func=lambda key: f"{key} — {TFDS_SUGGESTIONS[key]}")
+    typed = st.text_input("…or type any TensorFlow Datasets image-classification name", key="tfds_typed",
+                          placeholder="e.g. malaria or imagenette/160px-v2")
+    name = typed.strip() or suggested
+    st.caption("Downloaded once from the dataset's own source, then written as class folders into the app's data "
+               "folder (`tfds/NAME`); later uses need no network.")
+    if st.button("Use this dataset", type="primary", key="use_tfds"):
+        bar = st.progress(0.0)
+        try:
+            with st.spinner(f"Preparing {name} (the first time it is downloaded; large datasets take minutes)…"):
+                folder = ensure_tfds_dataset(name, progress=lambda done, total: bar.progress(
+                    min(done / max(total, 1), 1.0), text=f"Writing images: {done} of {total}"))
+            st.session_state["dataset_path"] = str(folder.resolve())
+        except ValueError as error:  # an unknown or unsuitable name, or SampleUnavailableError offline
+            st.error(str(error))
+        finally:
+            bar.empty()
 
 
 def show_balance(report: dict) -> None:
