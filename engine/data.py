@@ -62,6 +62,9 @@ class DatasetScan:
     excluded: list = field(default_factory=list)
     ignored: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    # Every file that was checked (usable or excluded), in scan order: the rows of the
+    # whole-folder image cache (`engine.pipeline.scan_and_decode`).
+    candidates: list = field(default_factory=list)
 
     def counts(self) -> dict:
         """Usable images per class, and per split when the folder is pre-split."""
@@ -211,6 +214,7 @@ def scan_dataset(
     cache_dir: Optional[str | os.PathLike] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     workers: Optional[int] = None,
+    check_files: Optional[Callable[[list], list]] = None,
 ) -> DatasetScan:
     """Scans a dataset folder, decoding every candidate image once to check it.
 
@@ -222,6 +226,9 @@ def scan_dataset(
         cache_dir: Where to cache scan results; defaults to `default_cache_dir()`.
         progress: Called with (files checked, files total) while checking.
         workers: Threads used to decode (Pillow releases the GIL while decoding).
+        check_files: Called instead of the plain check, on a cache miss, with the candidate
+            paths; returns one `ImageCheck` dictionary per path. The training worker uses it
+            to check and decode every file in a single pass.
 
     Raises:
         DataError: the folder does not exist or is not a folder.
@@ -239,7 +246,8 @@ def scan_dataset(
     if cached and cached.get("version") == SCAN_CACHE_VERSION and cached.get("root") == str(root_path):
         checks = cached["checks"]
     else:
-        checks = _check_all([path for path, _, _ in candidates], progress, workers)
+        paths = [path for path, _, _ in candidates]
+        checks = check_files(paths) if check_files else check_all(paths, progress, workers)
         try:
             atomic_write_json(cache_file, {"version": SCAN_CACHE_VERSION, "root": str(root_path), "checks": checks})
         except OSError:
@@ -251,7 +259,8 @@ def scan_dataset(
         else:
             excluded.append({"path": path, "label": label, "split": split, "reason": check["reason"]})
     classes = sorted({label for _, label, _ in candidates} | _class_names(root_path, layout))
-    scan = DatasetScan(str(root_path), layout, classes, fingerprint, files, excluded, ignored, warnings)
+    scan = DatasetScan(str(root_path), layout, classes, fingerprint, files, excluded, ignored, warnings,
+                       [path for path, _, _ in candidates])
     _add_balance_warnings(scan)
     return scan
 
@@ -265,7 +274,8 @@ def _class_names(root: Path, layout: str) -> set:
     return names
 
 
-def _check_all(paths: list[str], progress, workers) -> list[dict]:
+def check_all(paths: list[str], progress=None, workers=None) -> list[dict]:
+    """Checks every file in parallel threads; returns one `ImageCheck` dictionary per path."""
     total = len(paths)
     results: list[dict] = [None] * total  # type: ignore[list-item]
     workers = workers or min(8, (os.cpu_count() or 2) * 2)

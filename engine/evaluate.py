@@ -56,17 +56,19 @@ def classification_metrics(true_indices, predicted_indices, class_names: list[st
     return result
 
 
-def predict_probabilities(model, images: np.ndarray, num_classes: int, batch_size: int = 64) -> np.ndarray:
-    """Runs the model over a (N, size, size, 3) uint8 array; returns (N, classes) probabilities."""
+def predict_probabilities(model, images: np.ndarray, num_classes: int, batch_size: int = 64,
+                          rows: Optional[list[int]] = None) -> np.ndarray:
+    """Runs the model over a (N, size, size, 3) uint8 array (or only its `rows`); returns (N, classes) probabilities."""
     from engine.modeling import probabilities_per_class
 
     from engine.pipeline import make_dataset
 
-    if len(images) == 0:
+    count = len(images) if rows is None else len(rows)
+    if count == 0:
         return np.zeros((0, num_classes))
     # model.predict runs a compiled graph over a prefetched pipeline: several times faster
     # than calling the model eagerly batch by batch.
-    dataset = make_dataset(images, np.zeros(len(images), dtype=np.int32), batch_size).map(lambda x, y: x)
+    dataset = make_dataset(images, np.zeros(count, dtype=np.int32), batch_size, rows=rows).map(lambda x, y: x)
     return probabilities_per_class(model.predict(dataset, verbose=0), num_classes)
 
 

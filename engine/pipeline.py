@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from engine.data import fingerprint_files
-from engine.images import load_rgb
+from engine.data import DatasetScan, check_all, fingerprint_files, scan_dataset
+from engine.images import inspect_image, load_rgb
 from engine.runfiles import atomic_write_json, read_json
 
 IMAGE_CACHE_VERSION = 1
@@ -32,10 +33,13 @@ class ImageCache:
     from these images, such as backbone features, build their keys on it.
     """
 
-    def __init__(self, images: np.ndarray, failed: dict[int, str], key: Optional[str] = None):
+    def __init__(self, images: np.ndarray, failed: dict[int, str], key: Optional[str] = None,
+                 checks: Optional[list] = None):
         self.images = images
         self.failed = failed
         self.key = key
+        # With `build_image_cache(check=True)`: the scan's check of every file, made in the same decode.
+        self.checks = checks
 
     def __len__(self) -> int:
         return len(self.images)
@@ -54,12 +58,17 @@ def build_image_cache(
     cache_dir: Optional[str | os.PathLike] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     workers: Optional[int] = None,
+    check: bool = False,
 ) -> ImageCache:
     """Decodes every file once, in parallel, into a (N, size, size, 3) uint8 array.
 
     A file that fails to decode (for example, changed since it was scanned) is left
     black and reported in `ImageCache.failed` with its reason, so the caller can
     exclude it and say so, while every other image still trains.
+
+    Args:
+        check: Also check every file as the scan does, in the same decode, and return the
+            checks in `ImageCache.checks` (None when the images came from the disk cache).
     """
     from engine.data import default_cache_dir
 
@@ -80,7 +89,7 @@ def build_image_cache(
             temporary_path, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
         )
         try:
-            failed = _decode_into(images, paths, image_size, progress, workers)
+            failed, checks = _decode_into(images, paths, image_size, progress, workers, check)
             images.flush()
             del images
             # The array becomes visible under its final name only once it is complete,
@@ -91,18 +100,25 @@ def build_image_cache(
                 temporary_path.unlink()
         atomic_write_json(meta_path, {"count": len(paths), "image_size": image_size,
                                       "failed": {str(index): reason for index, reason in failed.items()}})
-        return ImageCache(np.load(array_path, mmap_mode="r"), failed, key)
+        return ImageCache(np.load(array_path, mmap_mode="r"), failed, key, checks)
     images = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    failed = _decode_into(images, paths, image_size, progress, workers)
-    return ImageCache(images, failed)
+    failed, checks = _decode_into(images, paths, image_size, progress, workers, check)
+    return ImageCache(images, failed, checks=checks)
 
 
-def _decode_into(images, paths, image_size, progress, workers) -> dict[int, str]:
+def _decode_into(images, paths, image_size, progress, workers, check=False) -> tuple[dict[int, str], Optional[list]]:
     failed: dict[int, str] = {}
+    checks: Optional[list] = [None] * len(paths) if check else None
     total = len(paths)
 
     def decode(index_and_path):
         index, path = index_and_path
+        if check:
+            result, pixels = inspect_image(path, image_size)
+            if pixels is not None:
+                images[index] = pixels
+            checks[index] = asdict(result)
+            return index, None if result.ok else result.reason
         try:
             images[index] = load_rgb(path, image_size)
             return index, None
@@ -118,7 +134,42 @@ def _decode_into(images, paths, image_size, progress, workers) -> dict[int, str]
             done += 1
             if progress and (done % 32 == 0 or done == total):
                 progress(done, total)
-    return failed
+    return failed, checks
+
+
+def scan_and_decode(
+    root: str | os.PathLike,
+    image_size: int,
+    cache: str = "disk",
+    cache_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> tuple[DatasetScan, ImageCache]:
+    """Scans a dataset folder and decodes every image at `image_size`, one decode per file.
+
+    On a folder seen before, both come from their caches. On a new folder the scan's check
+    and the training decode are the same pass: each file is opened and decoded once.
+
+    Returns:
+        The scan, and an image cache with one row per `scan.candidates` entry (rows of
+        excluded files stay black and are never used), so any split, seed or fraction of
+        the same folder reuses the same decoded images.
+
+    Raises:
+        DataError: the folder does not exist or is not a folder.
+    """
+    decoded: dict = {}
+
+    def check_and_decode(paths):
+        decoded["cache"] = build_image_cache(paths, image_size, cache=cache, cache_dir=cache_dir,
+                                             progress=progress, check=True)
+        # Images already on disk from an earlier run but no scan result: check without decoding them.
+        return decoded["cache"].checks or check_all(paths, progress)
+
+    scan = scan_dataset(root, cache_dir, progress, check_files=check_and_decode)
+    if "cache" not in decoded:
+        decoded["cache"] = build_image_cache(scan.candidates, image_size, cache=cache, cache_dir=cache_dir,
+                                             progress=progress)
+    return scan, decoded["cache"]
 
 
 def make_dataset(
@@ -128,27 +179,31 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 42,
     binary: bool = False,
+    rows: Optional[list[int]] = None,
 ):
     """A tf.data pipeline over cached images: shuffled indices → batch gather → float32 → prefetch.
 
     Args:
-        images: (N, size, size, 3) uint8 array (may be memory-mapped).
+        images: (M, size, size, 3) uint8 array (may be memory-mapped).
         labels: (N,) integer class indices.
         batch_size: Images per batch.
         shuffle: Reshuffle every epoch (training).
         seed: Shuffle seed.
         binary: Labels shaped (batch, 1) float32 for a one-unit sigmoid output.
+        rows: The rows of `images` the labels belong to (N of them); None means all, in order.
+            Batches are gathered from the array, so nothing is copied up front.
     """
     import tensorflow as tf
 
     count = len(labels)
     image_size = images.shape[1]
     labels = np.asarray(labels, dtype=np.int32)
+    rows = np.arange(count) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def gather(batch_indices):
-        # Sorted indices read the memory-mapped file sequentially; order inside a batch does not matter.
-        batch_indices = np.sort(batch_indices)
-        return np.ascontiguousarray(images[batch_indices]), labels[batch_indices]
+        # Sorted rows read the memory-mapped file sequentially; order inside a batch does not matter.
+        batch_indices = batch_indices[np.argsort(rows[batch_indices], kind="stable")]
+        return np.ascontiguousarray(images[rows[batch_indices]]), labels[batch_indices]
 
     indices = tf.data.Dataset.range(count)
     if shuffle:

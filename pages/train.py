@@ -152,6 +152,11 @@ def draw_form() -> bool:
         with columns[4]:
             widget(st.selectbox, "training.class_weight", "Class weights", "'balanced' helps when classes differ in size.",
                    options=list(CLASS_WEIGHT_MODES))
+        widget(st.checkbox, "training.cached_features", "Fast: compute the backbone's features once",
+               "The frozen backbone turns each image into the same features every epoch, so they are computed "
+               "once, cached, and the head trains on them: many times faster, and a later run that changes only "
+               "head settings starts at once. Untick to run every image through the backbone every epoch "
+               "(the tutorials' slow path).")
 
         with st.expander("Phase 2: fine-tuning (optional)"):
             columns = st.columns(3)
@@ -188,6 +193,12 @@ def draw_form() -> bool:
                 widget(st.number_input, "augmentation.zoom", "Zoom", "e.g. 0.1 for ±10%.", min_value=0.0, max_value=0.9, step=0.05)
             with columns[3]:
                 widget(st.number_input, "augmentation.contrast", "Contrast", "e.g. 0.1 for ±10%.", min_value=0.0, max_value=1.0, step=0.05)
+            widget(st.number_input, "augmentation.views", "Augmented views per image (fast path)",
+                   "With the fast path, this many random versions of each training image are computed once; "
+                   "each epoch shows the head one of them.", min_value=0, max_value=100, step=1)
+            st.caption("With the fast path on, the head trains on a fixed number of augmented views of each image. "
+                       "Fully random augmentation in every epoch needs the slow path: untick "
+                       "“Fast: compute the backbone's features once” under Phase 1.")
         with st.expander("Advanced"):
             widget(st.number_input, "training.seed", "Seed", "Same seed, same run.", min_value=0, step=1)
             widget(st.number_input, "data.split_seed", "Split seed", "Changes which images are held out.", min_value=0, step=1)

@@ -123,7 +123,7 @@ def test_scan_is_cached_by_fingerprint(tiny_dataset, monkeypatch):
     import engine.data
 
     calls = []
-    monkeypatch.setattr(engine.data, "_check_all", lambda *args: calls.append(1) or [])
+    monkeypatch.setattr(engine.data, "check_all", lambda *args: calls.append(1) or [])
     second = scan_dataset(tiny_dataset)
     assert calls == [] and second.fingerprint == first.fingerprint
     write_image(tiny_dataset / "cats" / "new.png", (220, 40, 40))
