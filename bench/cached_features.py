@@ -160,6 +160,29 @@ def run_child(code: str, arguments: list, environment: dict) -> dict:
     raise RuntimeError(f"measurement failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
 
 
+STAGES = (("decode", "Checking the images"), ("build", "Building"), ("features", "Computing"),
+          ("head", "Phase 1"), ("save", "Saving the model"), ("evaluate", "Evaluating"))
+
+
+def stage_seconds(log: str) -> dict:
+    """Seconds between the worker log's stage messages: decode, build, features, head, save."""
+    import datetime
+
+    times = {}
+    for line in log.splitlines():
+        for name, text in STAGES:
+            if text in line and name not in times:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                times[name] = stamp.timestamp()
+    ordered = sorted(times.items(), key=lambda pair: pair[1])
+    return {name: round(ordered[index + 1][1] - start, 2) for index, (name, start) in enumerate(ordered[:-1])}
+
+
+def median_run(runs: list) -> dict:
+    """The run with the median time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+
+
 def feature_rate(log: str) -> float | None:
     """Images/second of feature extraction, from the worker log line the engine writes."""
     match = re.search(r"Features of (\d+) images computed in ([\d.]+) s \(([\d.]+) images/s\)", log)
@@ -170,6 +193,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure the recipe and the empty-cache engine this many times; the table shows the "
+                             "run of median time")
     arguments = parser.parse_args()
     if not DATA.is_dir():
         print(f"{DATA} is not here; this benchmark needs ../shared/data/cats_vs_dogs.")
@@ -190,10 +216,18 @@ def main() -> int:
             # A fresh, empty cache per backbone: the engine's first run pays for decoding and features.
             environment["TRANSFER_STUDIO_CACHE"] = str(work / f"cache_{backbone}")
             common = [backbone, alpha, arguments.epochs, DATA, work]
-            print(f"{backbone}: recipe pipeline…", file=sys.stderr, flush=True)
-            recipe = run_child(RECIPE_CHILD, common + [LEARNING_RATE], environment)
-            print(f"{backbone}: engine, empty cache…", file=sys.stderr, flush=True)
-            engine = run_child(ENGINE_CHILD, common + [LEARNING_RATE], environment)
+            recipes, engines = [], []
+            for repeat in range(arguments.repeats):
+                print(f"{backbone}: recipe pipeline ({repeat + 1}/{arguments.repeats})…", file=sys.stderr, flush=True)
+                recipes.append(run_child(RECIPE_CHILD, common + [LEARNING_RATE], environment))
+                print(f"{backbone}: engine, empty cache ({repeat + 1}/{arguments.repeats})…", file=sys.stderr,
+                      flush=True)
+                shutil.rmtree(environment["TRANSFER_STUDIO_CACHE"], ignore_errors=True)
+                engines.append(run_child(ENGINE_CHILD, common + [LEARNING_RATE], environment))
+            recipe, engine = median_run(recipes), median_run(engines)
+            if arguments.repeats > 1:
+                print(f"{backbone}: recipe seconds {[round(run['seconds'], 1) for run in recipes]}, engine seconds "
+                      f"{[round(run['seconds'], 1) for run in engines]}", file=sys.stderr, flush=True)
             print(f"{backbone}: engine, only the learning rate changed…", file=sys.stderr, flush=True)
             rerun = run_child(ENGINE_CHILD, common + [LEARNING_RATE / 3], environment)
             rate = feature_rate(engine["log"])
@@ -218,6 +252,9 @@ def main() -> int:
               f"{recipe['peak_mb']:.0f} / {engine['peak_mb']:.0f} | "
               f"{recipe['validation_accuracy']:.3f} / {engine['validation_accuracy']:.3f} / "
               f"{rerun['validation_accuracy']:.3f} |")
+    print("\nEngine stages, empty cache (seconds, from the worker log):")
+    for backbone, recipe, engine, rerun, rate, share, flops in rows:
+        print(f"  {backbone}: {stage_seconds(engine['log'])}")
     return 0
 
 

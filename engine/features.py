@@ -160,8 +160,9 @@ def compute_features(
     augment = augmentation is not None and views > 0
     output = np.empty((max(views, 1), len(positions), feature_size), dtype=np.float32)
 
-    # One traced function for every batch and view (only a short last batch retraces).
-    @tf.function(reduce_retracing=True)
+    # One traced function for every batch and view: a short last batch is padded to the full
+    # size (and the padding's features dropped), since a new shape would cost a second trace.
+    @tf.function
     def run(batch):
         batch = tf.cast(batch, tf.float32)
         if augment:
@@ -172,7 +173,10 @@ def compute_features(
     for view in range(max(views, 1)):
         for start in range(0, len(positions), batch_size):
             rows = positions[start:start + batch_size]
-            output[view, start:start + len(rows)] = run(np.ascontiguousarray(images[rows])).numpy()
+            batch = np.ascontiguousarray(images[rows])
+            if len(rows) < batch_size and len(positions) > batch_size:
+                batch = np.concatenate([batch, np.zeros((batch_size - len(rows),) + batch.shape[1:], batch.dtype)])
+            output[view, start:start + len(rows)] = run(batch).numpy()[:len(rows)]
             if progress is not None:
                 progress(len(rows))
     return output if views else output[0]

@@ -190,7 +190,9 @@ def load_rgb(path: str, image_size: Optional[int] = None) -> np.ndarray:
 def _upright_rgb_array(image: Image.Image, image_size: Optional[int]) -> np.ndarray:
     """The first frame, rotated upright from EXIF, as 8-bit RGB, resized when a size is given."""
     image.seek(0)
-    upright = ImageOps.exif_transpose(image)
+    # exif_transpose copies the whole image even when there is nothing to turn; ask first.
+    orientation = image.getexif().get(0x0112, 1)
+    upright = ImageOps.exif_transpose(image) if orientation not in (1, None) else image
     rgb = to_rgb(upright)
     if image_size:
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
