@@ -34,6 +34,17 @@ def test_cats_vs_dogs_mobilenet_reaches_094_and_evaluates_on_another_folder(shar
     assert metrics["num_images"] == 1000
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=0.005)
 
+    # The recipes' slow path (every image through the base every epoch) lands within a point.
+    slow = run_cli("train", "--data", data, "--backbone", "MobileNet", "--alpha", "0.25", "--image-size", "224",
+                   "--epochs", "10", "--runs-dir", tmp_path / "runs", "--quiet",
+                   "--set", "training.cached_features=false", env={"KERAS_HOME": str(keras_home_with_mobilenet)})
+    assert slow.returncode == 0, slow.stderr[-3000:]
+    slow_dir = Path(slow.stdout.strip())
+    slow_accuracy = runfiles.read_json(slow_dir / "evaluation.json")["splits"]["validation"]["accuracy"]
+    print(f"cats_vs_dogs validation accuracy, cached features {accuracy:.4f}, end to end {slow_accuracy:.4f}")
+    assert abs(accuracy - slow_accuracy) <= 0.01
+    assert "every image through the base every epoch" in (slow_dir / "worker.log").read_text()
+
 
 def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mobilenet, tmp_path):
     data = shared_dir / "data" / "beans"
@@ -62,8 +73,10 @@ def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_
     from engine.config import RunConfig
 
     runs_dir = tmp_path / "runs"
+    # The slow path, so that a stop lands in the middle of a long epoch.
     config = RunConfig().replace(**{"data.path": str(shared_dir / "data" / "cats_vs_dogs"),
-                                    "model.backbone": "MobileNet", "model.alpha": 0.25, "training.epochs": 10})
+                                    "model.backbone": "MobileNet", "model.alpha": 0.25, "training.epochs": 10,
+                                    "training.cached_features": False})
     run_id = jobs.start(config, runs_dir)
     run_dir = runs_dir / run_id
     deadline = time.time() + 300
@@ -93,3 +106,29 @@ def test_efficientnet_lite0_frozen_base_new_head_reaches_097_on_cats_vs_dogs(sha
     accuracy = runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["accuracy"]
     print(f"EfficientNet-Lite0 cats_vs_dogs validation accuracy: {accuracy:.4f}")
     assert accuracy >= 0.97
+
+
+def test_stop_while_computing_features_ends_stopped_and_keeps_the_run_folder(shared_dir, tmp_path):
+    import time
+
+    from engine import jobs
+    from engine.config import RunConfig
+
+    runs_dir = tmp_path / "runs"
+    config = RunConfig().replace(**{"data.path": str(shared_dir / "data" / "cats_vs_dogs"),
+                                    "model.backbone": "EfficientNetLite0"})
+    run_id = jobs.start(config, runs_dir)
+    run_dir = runs_dir / run_id
+    deadline = time.time() + 300
+    while time.time() < deadline and not jobs.refresh(run_dir).get("message", "").startswith("Computing features:"):
+        time.sleep(0.2)
+    assert jobs.refresh(run_dir)["phase"] == "computing features"
+    asked = time.time()
+    jobs.stop(run_id, runs_dir)
+    final = jobs.wait_for(run_id, timeout=60, runs_dir=runs_dir, poll_seconds=0.2)
+    print(f"stop during feature extraction took {time.time() - asked:.1f} s")
+    assert final["state"] == "stopped" and final["message"] == "Stopped before training began."
+    assert time.time() - asked < 10
+    for name in ("config.json", "status.json", "data_report.json", "split.csv", "worker.log"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "model.keras").exists()
