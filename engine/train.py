@@ -377,20 +377,21 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
     """The frozen base's pooled features per split, from the cache or computed once now.
 
     Returns:
-        {split: (N, D) features}; with augmentation, "train" holds (K, N, D) augmented views.
+        {split: (N, D) features} for the splits that have images; with augmentation, "train"
+        holds (K, N, D) augmented views.
     """
     from engine.features import (build_feature_extractor, compute_features, feature_cache_key,
                                  load_cached_features, save_cached_features)
 
     views = config.augmentation.views if config.augmentation.enabled else 0
-    present = [split for split in ("train", "validation", "test") if data.positions[split]]
-    clean_splits = [split for split in present if not (split == "train" and views)]
     image_key = data.image_key if config.data.cache == "disk" else None
-    # One job per feature array: the un-augmented features of every split that uses them,
-    # and, with augmentation, the K augmented views of the training images.
-    jobs = [FeatureJob(clean_splits, [position for split in clean_splits for position in data.positions[split]], 0)]
+    # The un-augmented features of every image the run uses, by image-cache row: another
+    # split, seed or head of the same folder finds them under the same key. With
+    # augmentation, also K augmented views of the training images.
+    used_rows = sorted({row for rows in data.positions.values() for row in rows})
+    jobs = [FeatureJob(used_rows, 0)]
     if views:
-        jobs.append(FeatureJob(["train"], data.positions["train"], views))
+        jobs.append(FeatureJob(data.positions["train"], views))
     for job in jobs:
         job.key = feature_cache_key(image_key, config, job.positions, job.views)
         job.array = load_cached_features(job.key)
@@ -423,24 +424,18 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
                     total / max(seconds, 1e-9))
     else:
         _say(status, echo, "computing features", "Backbone features found in the cache; nothing to compute.")
-    features = {}
-    for job in jobs:
-        if job.views:
-            features["train"] = job.array
-            continue
-        start = 0
-        for split in job.splits:
-            count = len(data.positions[split])
-            features[split] = job.array[start:start + count]
-            start += count
+    index_of_row = {row: index for index, row in enumerate(used_rows)}
+    features = {split: jobs[0].array[[index_of_row[row] for row in rows]]
+                for split, rows in data.positions.items() if rows}
+    if views:
+        features["train"] = jobs[1].array
     return features
 
 
 @dataclass
 class FeatureJob:
-    """One feature array: which splits it covers, their image rows, augmented views (0 = none)."""
+    """One feature array: its image rows, its augmented views (0 = none), its cache key and contents."""
 
-    splits: list
     positions: list
     views: int
     key: Optional[str] = None

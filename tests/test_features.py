@@ -10,6 +10,7 @@ import pytest
 
 from engine import runfiles
 from engine.config import RunConfig
+from engine.data import scan_dataset
 from engine.features import feature_cache_key
 from engine.runs import create_run
 from engine.train import run_training
@@ -60,14 +61,14 @@ def test_saved_full_model_agrees_with_the_head_on_cached_features(tiny_three_cla
     # And the cached features are exactly what the saved model's own base and pooling make.
     (cached,) = load_feature_arrays()
     split_rows = list(csv.DictReader(open(run_dir / "split.csv")))
-    held_out = [row for row in split_rows if row["split"] != "train"]
-    assert cached.shape[0] == len(split_rows)  # no augmentation: train, validation and test, once each
+    assert cached.shape[0] == len(split_rows)  # no augmentation: every image once, whatever its split
+    # The cache holds one row per image in scan order (the image cache's rows).
+    used = {row["path"] for row in split_rows}
+    scan_order = [path for path in scan_dataset(tiny_three_class_dataset).candidates if path in used]
     extractor = build_feature_extractor(model)
-    ordered = [row for split in ("train", "validation", "test") for row in split_rows if row["split"] == split]
-    held_out_rows = [index for index, row in enumerate(ordered) if row["split"] != "train"]
     recomputed = np.asarray(extractor.predict(
-        np.stack([load_rgb(row["path"], image_size) for row in held_out]).astype(np.float32), verbose=0))
-    np.testing.assert_allclose(recomputed, cached[held_out_rows], atol=1e-4)
+        np.stack([load_rgb(path, image_size) for path in scan_order]).astype(np.float32), verbose=0))
+    np.testing.assert_allclose(recomputed, cached, atol=1e-4)
 
 
 def test_a_run_changing_only_head_settings_reuses_the_features(tiny_dataset, tmp_path):
@@ -85,10 +86,15 @@ def test_a_run_changing_only_head_settings_reuses_the_features(tiny_dataset, tmp
     assert [event["epoch"] for event in runfiles.read_jsonl(second / "metrics.jsonl")
             if event["type"] == "epoch"] == [1, 2, 3]
 
+    # Another split of the same folder uses the same images, so the same features.
+    third = train(tiny_config(tiny_dataset, **{"data.split_seed": 7, "data.validation_fraction": 0.25}), tmp_path)
+    assert "Backbone features found in the cache" in (third / "worker.log").read_text()
+    assert feature_files() == cached
+    assert (third / "split.csv").read_text() != (first / "split.csv").read_text()
+
     # Settings the features depend on make new ones.
     train(tiny_config(tiny_dataset, **{"model.image_size": 40}), tmp_path)
     assert len(feature_files()) == 2
-    assert first != second
 
 
 def test_the_cache_key_covers_what_features_depend_on_and_nothing_else(tmp_path):
@@ -137,7 +143,7 @@ def test_augmentation_trains_on_k_precomputed_views_and_evaluates_on_clean_featu
     arrays = {array.ndim: array for array in load_feature_arrays()}
     views, clean = arrays[3], arrays[2]
     assert views.shape[:2] == (3, train_count)
-    assert clean.shape[0] == len(split_rows) - train_count  # validation and test only, never augmented
+    assert clean.shape[0] == len(split_rows)  # every image once, never augmented
     scale = np.abs(views).max()  # features of a random-weight base are tiny; compare relative to them
 
     def differ(first, second):
@@ -145,11 +151,11 @@ def test_augmentation_trains_on_k_precomputed_views_and_evaluates_on_clean_featu
 
     assert differ(views[0], views[1]) and differ(views[1], views[2]) and differ(views[0], views[2])
 
-    # Un-augmented features of the held-out images match a run without augmentation.
+    # The un-augmented features match a run without augmentation, computed afresh.
     shutil.rmtree(Path(os.environ["TRANSFER_STUDIO_CACHE"]) / "features")
     train(tiny_config(tiny_dataset), tmp_path)
     (plain,) = load_feature_arrays()
-    np.testing.assert_allclose(plain[train_count:], clean, atol=1e-5)
+    np.testing.assert_allclose(plain, clean, atol=1e-5)
 
 
 def test_the_slow_path_stays_available_with_the_same_run_folder_and_events(tiny_dataset, tmp_path):
