@@ -148,7 +148,8 @@ def test_new_user_trains_watches_explores_and_predicts(app_server, page):
     expect(field(page, "Dataset folder")).to_have_value(re.compile(r"colours$"), timeout=30000)
     # The defaults (checked in test_pages): EfficientNet-Lite0 with the ImageNet weights that install with the app.
     field(page, "Image size (px)").fill("96")
-    field(page, "Epochs").fill("8")
+    # Head epochs on cached features take milliseconds here, so enough of them to watch live.
+    field(page, "Epochs").fill("150")
     field(page, "Batch size").fill("4")
     screenshot(page, "3-train")
     page.get_by_role("button", name="Start training").click()

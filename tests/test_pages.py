@@ -116,14 +116,19 @@ def test_train_form_starts_a_real_run_through_the_queue(app_environment):
     app.number_input(key="field.model.image_size").set_value(32)
     app.radio(key="field.model.weights").set_value("none")
     app.number_input(key="field.training.epochs").set_value(2)
+    assert app.checkbox(key="field.training.cached_features").value is True  # the fast path by default
+    app.checkbox(key="field.training.cached_features").uncheck()
+    app.number_input(key="field.augmentation.views").set_value(3)
     app.button[0].click().run()
     assert not app.exception, app.exception
     runs = [entry for entry in (app_environment / "runs").iterdir() if entry.is_dir()]
     assert len(runs) == 1
     config = RunConfig.load(runs[0] / "config.json")
     assert (config.model.backbone, config.model.alpha, config.model.image_size) == ("MobileNet", 0.25, 32)
+    assert config.training.cached_features is False and config.augmentation.views == 3
     final = jobs.wait_for(runs[0].name, timeout=180, runs_dir=app_environment / "runs")
     assert final["state"] == "finished", final
+    assert "every image through the base every epoch" in (runs[0] / "worker.log").read_text()
 
 
 def test_monitor_shows_a_finished_run_and_disables_stop(app_environment, finished_run, monkeypatch):
@@ -183,6 +188,9 @@ def test_train_form_opens_on_the_offline_backbone_and_the_digits_sample(app_envi
     app = open_page("pages/train.py")
     assert app.selectbox(key="field.model.backbone").value == "EfficientNetLite0"
     assert app.text_input(key="field.data.path").value.endswith("samples/digits")
+    assert app.checkbox(key="field.training.cached_features").value is True
+    assert any("Fully random augmentation in every epoch needs the slow path" in caption.value
+               for caption in app.caption)
     assert "ready offline" in app.selectbox(key="field.model.backbone").format_func("EfficientNetLite0")
 
 
