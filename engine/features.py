@@ -29,8 +29,7 @@ from engine.runfiles import atomic_write_json, read_json
 FEATURE_CACHE_VERSION = 1
 # Images per feature-extraction batch at 224 px. Measured on 2 cores (bench/README): MobileNet
 # α=0.25 ran at 865 images/s with batches of 32, 790 with 128 and 738 with 256;
-# EfficientNet-Lite0 at 159, 159 and 157. Larger batches buy nothing on a CPU once every
-# operation has enough work for all cores, and smaller ones stay in the processor's caches.
+# EfficientNet-Lite0 at 159, 159 and 157. On a CPU, larger batches bought nothing here.
 EXTRACTION_BATCH_AT_224 = 32
 
 
