@@ -167,15 +167,23 @@ def refresh(run_dir: str | os.PathLike) -> dict:
     if status.get("state") != "running":
         return status
     if status.get("host") not in (None, socket.gethostname()):
-        age = time.time() - float(status.get("heartbeat") or 0)
+        age = time.time() - _seconds(status.get("heartbeat"))
         if age <= REMOTE_HEARTBEAT_TIMEOUT_SECONDS:
             return status
         return _mark_dead(run_dir, f"No heartbeat from host {status.get('host')} for {age:.0f} s.")
     if lock_is_held(run_dir):
         return status
-    if status.get("phase") == "starting" and time.time() - float(status.get("launched_at") or 0) < START_GRACE_SECONDS:
+    if status.get("phase") == "starting" and time.time() - _seconds(status.get("launched_at")) < START_GRACE_SECONDS:
         return status
     return _mark_dead(run_dir, "The worker process ended without finishing (killed, out of memory or crashed).")
+
+
+def _seconds(value) -> float:
+    """A Unix time from status.json; one that is not a number (a file edited by hand) counts as long ago."""
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _mark_dead(run_dir: Path, message: str) -> dict:

@@ -9,6 +9,7 @@ present the run resumes from it, on the same split, counting epochs on.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -35,6 +36,12 @@ VALIDATION_FEATURE_BATCH = 1024
 STOP_REQUEST_FILE = runfiles.STOP_REQUEST_FILE
 CHECKPOINT_MODEL_FILE = runfiles.CHECKPOINT_MODEL_FILE
 CHECKPOINT_STATE_FILE = runfiles.CHECKPOINT_STATE_FILE
+# Test-only fault injection, read in `fault_point` alone; never set it outside tests.
+# "POINT:pause[:RELEASE_FILE]" holds the worker at POINT until RELEASE_FILE exists (or until it
+# is killed); "POINT:fail" raises a simulated disk error there. POINT is "decoding" (part-way
+# through decoding the images into the cache) or "saving" (model.keras written under its
+# temporary name, not yet renamed).
+FAULT_VARIABLE = "TRANSFER_STUDIO_FAULT"
 
 
 class StopRequested(Exception):
@@ -72,6 +79,7 @@ def run_training(run_dir: str | os.PathLike, echo=None) -> str:
                   host=socket.gethostname(), started=now_iso(), error=None)
     status.start_heartbeat()
     try:
+        _remove_dead_saves(run_dir)
         return _train(run_dir, status, echo)
     except StopRequested:
         message = "Stopped before training began."
@@ -91,6 +99,35 @@ def run_training(run_dir: str | os.PathLike, echo=None) -> str:
         status.stop_heartbeat()
         engine_logger.removeHandler(handler)
         handler.close()
+
+
+def fault_point(point: str) -> None:
+    """Pauses or fails here when `$TRANSFER_STUDIO_FAULT` names this point (tests only)."""
+    value = os.environ.get(FAULT_VARIABLE, "")
+    name, _, rest = value.partition(":")
+    if not value or name != point:
+        return
+    action, _, release = rest.partition(":")
+    if action == "fail":
+        raise OSError(errno.ENOSPC, f"No space left on device (simulated by {FAULT_VARIABLE} at {point})")
+    if action == "pause":
+        logger.warning("%s: paused at %s.", FAULT_VARIABLE, point)
+        while not (release and os.path.exists(release)):
+            time.sleep(0.05)
+        logger.warning("%s: released at %s.", FAULT_VARIABLE, point)
+
+
+def _remove_dead_saves(run_dir: Path) -> None:
+    """Deletes the temporaries (`.<pid>.model.keras`, `.<pid>.checkpoint.keras`…) of a worker killed mid-save.
+
+    Only this run's worker writes them and only one worker runs a run (it holds the run's
+    lock), so any that is not this process's own is dead; each can be as large as the model.
+    """
+    for path in run_dir.glob(".*.keras"):
+        pid = path.name.split(".")[1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            logger.info("Removing %s, left by a worker that ended while saving.", path.name)
+            path.unlink(missing_ok=True)
 
 
 def _say(status: StatusWriter, echo, phase: str, message: str) -> None:
@@ -127,19 +164,21 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
     def progress(done, total):
         check_stop()
         status.update(message=f"Checking and decoding images: {done}/{total}.")
+        if done < total:
+            fault_point("decoding")
 
-    if config.data.subset_fraction < 1.0:
-        # A subset decodes only the images it keeps, after a scan that checks them all.
-        if resumed_split:
-            manifest = [SplitItem(row["path"], row["label"], row["split"]) for row in resumed_split]
-            report = runfiles.read_json(run_dir / runfiles.DATA_REPORT_FILE) or {"excluded": []}
-        else:
-            scan = scan_dataset(config.data.path, progress=progress)
-            manifest, report = _split(scan, config)
-        cache = build_image_cache([item.path for item in manifest], image_size, cache=config.data.cache,
-                                  progress=progress)
-        rows = list(range(len(manifest)))
-    else:
+    def read_and_decode():
+        if config.data.subset_fraction < 1.0:
+            # A subset decodes only the images it keeps, after a scan that checks them all.
+            if resumed_split:
+                manifest = [SplitItem(row["path"], row["label"], row["split"]) for row in resumed_split]
+                report = runfiles.read_json(run_dir / runfiles.DATA_REPORT_FILE) or {"excluded": []}
+            else:
+                scan = scan_dataset(config.data.path, progress=progress)
+                manifest, report = _split(scan, config)
+            cache = build_image_cache([item.path for item in manifest], image_size, cache=config.data.cache,
+                                      progress=progress)
+            return manifest, report, cache, list(range(len(manifest)))
         # The whole folder, checked and decoded in one pass into one cache that any split reuses.
         scan, cache = scan_and_decode(config.data.path, image_size, cache=config.data.cache, progress=progress)
         if resumed_split:
@@ -148,7 +187,9 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
         else:
             manifest, report = _split(scan, config)
         row_of = {path: row for row, path in enumerate(scan.candidates)}
-        rows = [row_of.get(item.path, -1) for item in manifest]
+        return manifest, report, cache, [row_of.get(item.path, -1) for item in manifest]
+
+    manifest, report, cache, rows = _while_the_folder_stays(config.data.path, read_and_decode)
 
     failures = {}
     for index, row in enumerate(rows):
@@ -189,6 +230,32 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
         paths={split: [item.path for item, _ in pairs] for split, pairs in members.items()},
         image_key=cache.key,
     )
+
+
+def _while_the_folder_stays(folder: str, read):
+    """Returns `read()`, failing the run with one sentence naming `folder` if it vanishes meanwhile.
+
+    Without this, a folder that disappears half-way ends with whatever breaks first (a bare
+    FileNotFoundError, "At least two classes…"), or a run that trains on the images read
+    before it went, the rest excluded as unreadable. Once the images are decoded, training
+    and evaluation read only the image cache, so a folder that goes later does not matter.
+    """
+    path = Path(folder).expanduser()
+    was_there = path.is_dir()
+    try:
+        result = read()
+    except (OSError, DataError) as error:
+        if was_there and not path.is_dir():
+            raise DataError(_vanished(folder)) from error
+        raise
+    if was_there and not path.is_dir():
+        raise DataError(_vanished(folder))
+    return result
+
+
+def _vanished(folder: str) -> str:
+    return (f"The data folder {folder!r} disappeared while its images were being read; "
+            "put it back and resume the run.")
 
 
 def _split(scan, config: RunConfig) -> tuple[list[SplitItem], dict]:
@@ -484,4 +551,8 @@ def _keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
 
 def save_model_atomically(model, path: Path) -> None:
     """Saves a Keras model so that `path` is either the old complete file or the new one."""
-    runfiles.write_through_temporary(path, model.save)
+    def write(temporary):
+        model.save(temporary)
+        fault_point("saving")
+
+    runfiles.write_through_temporary(path, write)
