@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine.runfiles import atomic_write_json, read_json
+from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
 
 FEATURE_CACHE_VERSION = 1
 # Images per feature-extraction batch at 224 px. Measured on 2 cores (bench/README): MobileNet
@@ -107,7 +107,8 @@ def save_cached_features(key: Optional[str], features: np.ndarray,
     folder = _cache_folder(cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{key}.{os.getpid()}.npy"
+        remove_orphaned_temporaries(folder, f".{key}.")
+        temporary = folder / f".{key}.{process_tag()}.npy"
         np.save(temporary, features)
         os.replace(temporary, folder / f"{key}.npy")
         # The metadata is written last: a reader trusts the array only once it exists.

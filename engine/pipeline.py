@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.data import DatasetScan, check_all, fingerprint_files, scan_dataset
 from engine.images import inspect_image, load_rgb
-from engine.runfiles import atomic_write_json, read_json
+from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
 
 IMAGE_CACHE_VERSION = 1
 
@@ -84,7 +84,8 @@ def build_image_cache(
                 progress(len(paths), len(paths))
             return ImageCache(images, {int(index): reason for index, reason in meta.get("failed", {}).items()}, key)
         folder.mkdir(parents=True, exist_ok=True)
-        temporary_path = folder / f".{key}.{os.getpid()}.npy.tmp"
+        remove_orphaned_temporaries(folder, f".{key}.")
+        temporary_path = folder / f".{key}.{process_tag()}.npy.tmp"
         images = np.lib.format.open_memmap(
             temporary_path, mode="w+", dtype=np.uint8, shape=(len(paths), image_size, image_size, 3)
         )

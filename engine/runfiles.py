@@ -9,9 +9,11 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -150,3 +152,36 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
             return list(csv.DictReader(handle))
     except (OSError, csv.Error, UnicodeDecodeError):
         return []
+
+
+def process_tag() -> str:
+    """`<host>-<pid>`, for naming a temporary file after the process that writes it."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike, prefix: str) -> None:
+    """Deletes temporaries named `<prefix><host>-<pid>…` whose process on this host has ended.
+
+    A process killed while writing a large cache file (an image array can be gigabytes)
+    leaves its temporary behind; the next writer of the same entry clears it. Files of
+    live processes and of other hosts (a cache on shared storage) are left alone.
+    """
+    host = socket.gethostname()
+    for path in Path(folder).glob(f"{glob.escape(prefix)}{glob.escape(host)}-*"):
+        pid_text = path.name[len(prefix) + len(host) + 1:].split(".")[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            try:
+                path.unlink()
+            except OSError:
+                pass  # Another process cleared it first.
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -164,6 +164,8 @@ def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir
     assert_epochs_counted_on(run_dir, 3, resumes=0)
     arrays = list((cache_dir / "images").glob("[!.]*.npy"))
     assert len(arrays) == 1 and np.load(arrays[0], mmap_mode="r").shape == (60, 48, 48, 3)
+    # The killed worker's dataset-sized temporary was cleared by the next writer of that entry.
+    assert not list((cache_dir / "images").glob(".*.npy.tmp"))
 
 
 def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir):
@@ -491,3 +493,24 @@ def test_load_three_concurrent_runs_polled_every_quarter_second(data, runs_dir):
     poller.check({name: status["state"] for name, status in finals.items()})
     assert poller.all_running, "the three runs never ran at the same time"
     assert statistics.median(poller.latencies) < 0.25
+
+
+def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
+    import socket
+    import subprocess
+
+    from engine.runfiles import process_tag, remove_orphaned_temporaries
+
+    finished = subprocess.run(["true"])  # a process that has ended: its pid is free
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f".key.{host}-{dead_pid.pid}.npy.tmp"
+    live = tmp_path / f".key.{process_tag()}.npy.tmp"
+    other_host = tmp_path / f".key.elsewhere-{dead_pid.pid}.npy.tmp"
+    other_key = tmp_path / f".other.{host}-{dead_pid.pid}.npy.tmp"
+    for path in (dead, live, other_host, other_key):
+        path.write_bytes(b"x")
+    remove_orphaned_temporaries(tmp_path, ".key.")
+    assert finished.returncode == 0
+    assert not dead.exists() and live.exists() and other_host.exists() and other_key.exists()
