@@ -1,4 +1,4 @@
-"""The command line: `python -m engine train|evaluate|predict|runs|backbones`.
+"""The command line: `python -m engine train|evaluate|predict|runs|backbones|check`.
 
 A thin adapter over the engine. Bad input exits with status 2 and one line
 `error: ...` on stderr, never a traceback.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Keep TensorFlow's C++ start-up chatter out of the terminal; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -99,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = commands.add_parser("backbones", help="list backbones and whether their weights are offline")
     backbones.add_argument("--json", action="store_true")
+
+    check = commands.add_parser("check", help="the data doctor: what is wrong or doubtful in a dataset folder")
+    check.add_argument("data", help=TRAIN_HELP["data"])
+    check.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    defaults = RunConfig().data
+    check.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
+                       help="for a flat folder: the share split training would hold out for validation")
+    check.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
+                       help="for a flat folder: the share held out for the final test")
+    check.add_argument("--split-seed", type=int, default=defaults.split_seed, help="for a flat folder: the split's seed")
     return parser
 
 
@@ -223,6 +234,90 @@ def command_backbones(arguments) -> int:
     return 0
 
 
+def command_check(arguments) -> int:
+    from engine.doctor import check_dataset
+
+    for name in ("validation_fraction", "test_fraction"):
+        value = getattr(arguments, name)
+        if not 0 <= value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least 0 and below 1; received {value}.")
+    folder = resolve_data_path(arguments.data)
+    if not Path(folder).expanduser().is_dir():
+        raise CommandError(f"Data folder {arguments.data!r} does not exist or is not a folder.")
+    report = check_dataset(folder, arguments.validation_fraction, arguments.test_fraction, arguments.split_seed)
+    if arguments.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_printable(format_check_report(report)))
+    if not report["trainable"]:
+        raise CommandError(report["errors"][0])
+    return 0
+
+
+def _printable(text: str) -> str:
+    """File names that are not valid UTF-8 are shown with their odd bytes escaped (`\\xe9`)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def format_check_report(report: dict) -> str:
+    """The data doctor's report as text for a terminal: counts first, then every finding."""
+    root = report["root"]
+
+    def short(path: str) -> str:
+        return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+    lines = [f"Data doctor: {root}"]
+    split = report["split"]
+    if report["layout"] == "split":
+        lines.append("Layout: pre-split (train/validation/test folders, used as given)")
+    else:
+        lines.append(f"Layout: flat (the engine splits it: validation {split['validation_fraction']:g}, "
+                     f"test {split['test_fraction']:g}, seed {split['seed']})")
+    counts = ", ".join(f"{label} {count}" for label, count in report["class_counts"].items())
+    lines.append(f"Classes: {len(report['classes'])} ({counts})")
+    lines.append(f"Usable images: {report['num_images']}   excluded: {report['num_excluded']}   "
+                 f"ignored: {report['num_ignored']} ({report['num_hidden_ignored']} hidden)")
+    for name, rows in split["counts"].items():
+        lines.append(f"  {name}: {sum(rows.values())} ({', '.join(f'{label} {count}' for label, count in rows.items())})")
+    lines.append(f"Rule: {report['rules'][0]}")
+
+    def section(title: str, entries: list, total: Optional[int] = None) -> None:
+        total = len(entries) if total is None else total
+        if not total:
+            lines.append(f"\n{title}: none")
+            return
+        shown = f", the first {len(entries)} listed" if len(entries) < total else ""
+        lines.append(f"\n{title}: {total}{shown}")
+        lines.extend(f"  {entry}" for entry in entries)
+
+    section("Excluded (not trained on)", [f"{short(item['path'])}: {item['reason']}" for item in report["excluded"]])
+    section("Ignored", [f"{short(item['path'])}: {item['reason']}" for item in report["ignored"]])
+    section("Notes (used, converted on the fly)", [f"{short(item['path'])}: {item['note']}" for item in report["notes"]])
+    section("Exact duplicates (identical files)", [
+        " = ".join(short(path) for path in group["paths"])
+        + ("" if group["same_class"] else f"   [in different classes: {', '.join(sorted(set(group['labels'])))}]")
+        for group in report["duplicates"]])
+    rule = report["near_duplicate_rule"]
+    section(f"Near-duplicates ({rule['hash']}, at most {rule['max_distance']} bits apart)", [
+        f"{short(pair['paths'][0])} ~ {short(pair['paths'][1])}   (distance {pair['distance']}"
+        + ("" if pair["same_class"] else ", different classes") + ")"
+        for pair in report["near_duplicates"]], report["num_near_duplicate_pairs"])
+    if report["leakage_checked"]:
+        section("Leakage (the same picture in train and in validation/test)", [
+            f"train {short(leak['paths'][0])} ~ {leak['splits'][1]} {short(leak['paths'][1])}   "
+            f"({'identical' if leak['exact'] else 'distance ' + str(leak['distance'])})"
+            for leak in report["leakage"]], report["num_leaks"])
+    else:
+        lines.append("\nLeakage: not checked (there is no split; see the error below)")
+    imbalance = report["imbalance"]
+    if imbalance["ratio"] is not None:
+        lines.append(f"\nImbalance: {imbalance['ratio']:.2f}× between the largest and smallest class"
+                     + (f". {imbalance['suggestion']}" if imbalance["imbalanced"] else " (balanced enough)"))
+    section("Warnings", list(report["warnings"]))
+    lines.append("\nTrainable: " + ("yes" if report["trainable"] else "no"))
+    return "\n".join(lines)
+
+
 def command_control(arguments) -> int:
     from engine import jobs
 
@@ -275,6 +370,7 @@ COMMANDS = {
     "predict": command_predict,
     "runs": command_runs,
     "backbones": command_backbones,
+    "check": command_check,
 }
 
 

@@ -5,7 +5,8 @@ Layouts:
   * split: `ROOT/train/<class>/...` with `ROOT/validation/` (or `val/`) and an optional
     `ROOT/test/` — used as given.
 Images anywhere below a class folder belong to that class (nested subfolders are
-read recursively). Hidden files and files without an image extension are ignored
+read recursively; a linked subfolder is not followed). Hidden files and folders,
+files without an image extension and files directly in the data folder are ignored
 and counted; files that look like images but cannot be used are excluded with a
 reason. Nothing is dropped silently. This module never imports TensorFlow.
 """
@@ -28,7 +29,8 @@ from engine.runfiles import atomic_write_json, read_json
 
 SPLITS = ("train", "validation", "test")
 VALIDATION_FOLDER_NAMES = ("validation", "val")
-SCAN_CACHE_VERSION = 1
+# 2: notes name what a conversion did (16-bit, palette, transparency).
+SCAN_CACHE_VERSION = 2
 # A class this many times larger than the smallest one is flagged as imbalanced.
 IMBALANCE_WARNING_RATIO = 1.5
 
@@ -142,12 +144,30 @@ def detect_layout(root: Path) -> tuple[str, dict]:
     return "flat", {None: root}
 
 
+# The rule for nested folders, said in the scan's module docstring, the doctor's report and the README.
+NESTED_FOLDER_RULE = ("Images anywhere below a class folder belong to that class: nested subfolders are read "
+                      "recursively (a linked subfolder is not followed). Files directly in the data folder "
+                      "belong to no class and are ignored.")
+
+
 def _walk_files(folder: Path):
-    """Yields every file below `folder`, skipping hidden folders; symlinked folders are not followed."""
+    """Yields (path, skipped) for every file below `folder`.
+
+    Hidden folders and linked folders are not entered (a link could lead anywhere, even
+    back up the tree); each is yielded once with the reason it was skipped, so it is counted.
+    """
     for current, directories, files in os.walk(folder):
-        directories[:] = sorted(name for name in directories if not is_hidden(name))
+        kept = []
+        for name in sorted(directories):
+            if is_hidden(name):
+                yield Path(current) / name, "hidden folder: not read"
+            elif os.path.islink(os.path.join(current, name)):
+                yield Path(current) / name, "linked folder: not followed (copy its images in, or link the class folder)"
+            else:
+                kept.append(name)
+        directories[:] = kept
         for name in sorted(files):
-            yield Path(current) / name
+            yield Path(current) / name, None
 
 
 def list_candidate_files(root: Path) -> tuple[str, list, list, list]:
@@ -167,8 +187,10 @@ def list_candidate_files(root: Path) -> tuple[str, list, list, list]:
                 ignored.append({"path": str(entry), "reason": reason})
         for class_folder in class_folders:
             found_image = False
-            for path in _walk_files(class_folder):
-                if is_hidden(path.name):
+            for path, skipped in _walk_files(class_folder):
+                if skipped:
+                    ignored.append({"path": str(path), "reason": skipped})
+                elif is_hidden(path.name):
                     ignored.append({"path": str(path), "reason": "hidden file"})
                 elif not has_image_extension(path.name):
                     ignored.append({

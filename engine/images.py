@@ -8,7 +8,7 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import os
-import struct
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -16,12 +16,41 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Pillow warns about odd files (a size over its limit, EXIF it cannot parse, palette
+# transparency); each such file is checked here and its problem becomes a reason or a note,
+# so the warnings are noise. They are silenced by a filter on Pillow's modules rather than
+# `warnings.catch_warnings()`, which is not thread-safe: files are decoded in threads, and
+# interleaved catch_warnings blocks can leave "ignore everything" installed for the whole process.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
+
 # Extensions we look at; anything else in a class folder is ignored and counted.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Pillow format names we decode. MPO is the multi-picture JPEG some cameras write.
 SUPPORTED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp"}
 # Smaller images carry too little to learn from; they are excluded with a reason.
 MIN_SIDE_PIXELS = 4
+# What each Pillow mode other than RGB is, for the note that says how a file was converted.
+MODE_NOTES = {
+    "1": "1-bit black and white",
+    "L": "grayscale",
+    "LA": "grayscale with transparency composited on white",
+    "P": "palette",
+    "PA": "palette with transparency composited on white",
+    "RGBA": "transparency composited on white",
+    "RGBa": "transparency composited on white",
+    "CMYK": "CMYK colours",
+    "YCbCr": "YCbCr colours",
+    "I;16": "16-bit grayscale scaled to 8 bits",
+    "I;16B": "16-bit grayscale scaled to 8 bits",
+    "I;16L": "16-bit grayscale scaled to 8 bits",
+    "I": "32-bit integer grayscale scaled to 8 bits",
+    "F": "32-bit float grayscale scaled to 8 bits",
+}
+# File signatures of the accepted formats, to say more than "not an image" when Pillow
+# cannot read a file that starts like one of them.
+SIGNATURES = ((b"\xff\xd8", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"BM", "BMP"))
 
 
 @dataclass
@@ -70,20 +99,38 @@ def inspect_image(path: str, image_size: Optional[int] = None) -> tuple[ImageChe
     if size == 0:
         return ImageCheck(False, "zero bytes: the file is empty"), None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                check = _check_open_image(path, image, image_size)
-                if not check.ok or not image_size:
-                    return check, None
-                return check, _upright_rgb_array(image, image_size)
+        with Image.open(path) as image:
+            check = _check_open_image(path, image, image_size)
+            if not check.ok or not image_size:
+                return check, None
+            return check, _upright_rgb_array(image, image_size)
     except UnidentifiedImageError:
-        return ImageCheck(False, "not an image: the content is not a recognised image format"), None
+        return ImageCheck(False, _unidentified_reason(path)), None
     except Image.DecompressionBombError as error:
-        return ImageCheck(False, f"too large: {error}"), None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError,
-            RuntimeError, MemoryError, struct.error) as error:
+        # Pillow refuses twice its limit while opening, from the header alone.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = found.group(1) if found else "more"
+        return ImageCheck(False, f"too large: {pixels} pixels exceeds the limit of {Image.MAX_IMAGE_PIXELS} "
+                                 f"pixels (a decompression-bomb guard; judged from the header, not decoded)"), None
+    except Exception as error:  # noqa: BLE001 - bad content must become a reason, never a crash
         return ImageCheck(False, _reason_for(error)), None
+
+
+def _unidentified_reason(path: str) -> str:
+    """Why Pillow could not identify a file: a known format's header cut short, or not an image at all."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64 * 1024)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    image_format = "WebP" if is_webp else next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
+    if image_format is None:
+        return "not an image: the content is not a recognised image format"
+    if image_format == "JPEG" and b"\xff\xda" not in head:
+        # No start-of-scan marker: the header stops before any picture data.
+        return "truncated: a JPEG header with no image data after it"
+    return f"unreadable: starts as a {image_format} file but its header is cut short or corrupt"
 
 
 def _reason_for(error: BaseException) -> str:
@@ -114,11 +161,15 @@ def _check_open_image(path: str, image: Image.Image, image_size: Optional[int] =
     limit = Image.MAX_IMAGE_PIXELS
     if limit and width * height > limit:
         return ImageCheck(False, f"too large: {width}×{height} pixels exceeds the limit of {limit} pixels "
-                                 f"(a decompression-bomb guard)", width, height, image_format)
+                                 f"(a decompression-bomb guard; judged from the header, not decoded)",
+                          width, height, image_format)
     if min(width, height) < MIN_SIDE_PIXELS:
         return ImageCheck(False, f"too small: {width}×{height} pixels (at least "
                                  f"{MIN_SIDE_PIXELS}×{MIN_SIDE_PIXELS} needed)", width, height, image_format)
     notes = []
+    # 16-bit colour PNGs open as RGB(A) and are reduced to 8 bits while loading; only the
+    # tile's raw mode (gone after loading) tells.
+    deep_colour = any(";16" in str(tile.args) for tile in (image.tile or [])) and original_mode in ("RGB", "RGBA")
     if image_format in ("JPEG", "MPO"):
         # libjpeg can decode at 1/2, 1/4 or 1/8 scale. It still reads every byte of the
         # entropy-coded data, so a truncated or corrupt file fails just the same, at a
@@ -138,7 +189,10 @@ def _check_open_image(path: str, image: Image.Image, image_size: Optional[int] =
     if getattr(image, "n_frames", 1) > 1:
         notes.append("animated: first frame used")
     if original_mode != "RGB":
-        notes.append(f"{original_mode} converted to RGB")
+        detail = MODE_NOTES.get(original_mode)
+        notes.append(f"{original_mode} converted to RGB" + (f" ({detail})" if detail else ""))
+    if deep_colour:
+        notes.append(f"16-bit {original_mode} reduced to 8 bits")
     orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
     if orientation not in (1, None):
         notes.append("rotated upright from EXIF orientation")
@@ -177,14 +231,12 @@ def load_rgb(path: str, image_size: Optional[int] = None) -> np.ndarray:
     Raises:
         OSError, ValueError or a Pillow error when the file cannot be decoded.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with Image.open(path) as image:
-            if image_size and image.format in ("JPEG", "MPO"):
-                # Let libjpeg decode at a reduced scale when the target is much smaller:
-                # several times faster for large photos, and the resize below still sets the size.
-                image.draft("RGB", (image_size, image_size))
-            return _upright_rgb_array(image, image_size)
+    with Image.open(path) as image:
+        if image_size and image.format in ("JPEG", "MPO"):
+            # Let libjpeg decode at a reduced scale when the target is much smaller:
+            # several times faster for large photos, and the resize below still sets the size.
+            image.draft("RGB", (image_size, image_size))
+        return _upright_rgb_array(image, image_size)
 
 
 def _upright_rgb_array(image: Image.Image, image_size: Optional[int]) -> np.ndarray:

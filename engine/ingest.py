@@ -40,23 +40,61 @@ def data_roots(extra: Optional[list] = None) -> list[Path]:
 def resolve_in_roots(path: str | os.PathLike, roots: list[Path]) -> Path:
     """Resolves `path` (symlinks and `..` included) and checks it lies inside one of `roots`.
 
+    Links inside the folder are checked too: the scan reads linked class folders and
+    linked files, so a link below the folder that leads out of every root refuses the folder.
+
     Raises:
-        ValueError: the folder does not exist, or it resolves outside every data root.
+        ValueError: the folder does not exist, it resolves outside every data root, or a
+            link inside it does.
     """
     try:
         resolved = Path(path).expanduser().resolve(strict=True)
     except (OSError, RuntimeError):
         raise ValueError(f"Folder {str(path)!r} does not exist.") from None
-    for root in roots:
-        if resolved == root or root in resolved.parents:
-            if not resolved.is_dir():
-                raise ValueError(f"{str(path)!r} is a file, not a folder of class subfolders.")
-            return resolved
-    allowed = ", ".join(str(root) for root in roots) or "none configured"
-    raise ValueError(
-        f"Folder {str(path)!r} is outside the data roots ({allowed}); links and '..' are followed "
-        f"before this check. Ask the server's administrator to add a root (TRANSFER_STUDIO_DATA_ROOTS)."
-    )
+    if not _inside_roots(resolved, roots):
+        allowed = ", ".join(str(root) for root in roots) or "none configured"
+        raise ValueError(
+            f"Folder {str(path)!r} is outside the data roots ({allowed}); links and '..' are followed "
+            f"before this check. Ask the server's administrator to add a root (TRANSFER_STUDIO_DATA_ROOTS)."
+        )
+    if not resolved.is_dir():
+        raise ValueError(f"{str(path)!r} is a file, not a folder of class subfolders.")
+    leaving = _first_link_leaving_roots(resolved, roots)
+    if leaving is not None:
+        raise ValueError(
+            f"Folder {str(path)!r} holds a link that leads outside the data roots: "
+            f"{str(leaving.relative_to(resolved))!r}. Remove the link or copy the files into the folder."
+        )
+    return resolved
+
+
+def _inside_roots(resolved: Path, roots: list[Path]) -> bool:
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
+def _first_link_leaving_roots(folder: Path, roots: list[Path]) -> Optional[Path]:
+    """The first symbolic link below `folder` whose target resolves outside every root, or None.
+
+    Linked folders are checked as links and not entered, so a link loop cannot trap the walk.
+    """
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                try:
+                    target = Path(entry.path).resolve()
+                except (OSError, RuntimeError):
+                    return Path(entry.path)  # a link loop: refuse rather than guess
+                if not _inside_roots(target, roots):
+                    return Path(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+    return None
 
 
 def list_dataset_folders(roots: list[Path], depth: int = 2) -> list[Path]:
@@ -117,11 +155,18 @@ def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     with bundle.open(member) as source, open(destination, "wb") as sink:
                         _copy_limited(source, sink, member)
+            except OSError as error:
+                # E.g. a member named like a folder another member already made a file.
+                shutil.rmtree(target, ignore_errors=True)
+                raise ValueError(f"The archive could not be extracted: {error.strerror or error} "
+                                 f"({getattr(member, 'filename', '?')!r}); nothing was kept.") from None
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
-    except zipfile.BadZipFile:
-        raise ValueError("The upload is not a valid zip archive.") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
+        # Also a member that fails its CRC check half-way through, or an unsupported compression method.
+        detail = f": {error}" if str(error) else ""
+        raise ValueError(f"The upload is not a valid zip archive{detail}.") from None
     entries = [entry for entry in target.iterdir() if not entry.name.startswith((".", "__MACOSX"))]
     # A zip of one top folder (the usual "compress folder") is that folder's dataset.
     if len(entries) == 1 and entries[0].is_dir():

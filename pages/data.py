@@ -1,5 +1,6 @@
 """Data: choose a dataset (sample, TensorFlow Datasets, server folder, zip upload) and see what the scan found."""
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -7,12 +8,15 @@ import plotly.express as px
 import streamlit as st
 
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
+from engine.doctor import check_dataset, finding_pairs
 from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
+# Pairs shown as thumbnails side by side in the data doctor; the tables list them all.
+PAIRS_SHOWN = 3
 
 
 @st.cache_data(show_spinner="Checking every image…", max_entries=20)
@@ -22,6 +26,17 @@ def cached_scan(path: str, fingerprint: str):
     files = pd.DataFrame([{"path": item.path, "label": item.label, "split": item.split or "",
                            "width": item.width, "height": item.height, "note": item.note} for item in scan.files])
     return scan, scan.report(), files
+
+
+@st.cache_data(show_spinner="Looking for duplicates and leakage…", max_entries=20)
+def cached_doctor(path: str, fingerprint: str, validation_fraction: float, test_fraction: float, _scan):
+    """The data doctor's report; cached by folder fingerprint and split (the hashes are cached on disk too)."""
+    return check_dataset(path, validation_fraction, test_fraction, scan=_scan)
+
+
+def readable(path: str) -> str:
+    """A path as text that can be shown: bytes of a name that are not UTF-8 are escaped."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def choose_dataset() -> str | None:
@@ -96,7 +111,8 @@ def show_balance(report: dict) -> None:
                    "On the Train page, set class weights to 'balanced' so small classes count as much.")
 
 
-def show_split(scan, report: dict) -> None:
+def show_split(scan, report: dict) -> tuple:
+    """The split table; returns the (validation, test) fractions chosen."""
     st.subheader("The split that will be used")
     if report["layout"] == "split":
         st.caption("This folder is already split into train / validation / test folders; they are used as given.")
@@ -113,6 +129,7 @@ def show_split(scan, report: dict) -> None:
         st.dataframe(pd.DataFrame(counts).fillna(0).astype(int), key="split_table")
     except DataError as error:
         st.error(str(error))
+    return fractions
 
 
 def show_grid(files: pd.DataFrame, classes: list) -> None:
@@ -126,7 +143,7 @@ def show_grid(files: pd.DataFrame, classes: list) -> None:
     columns = st.columns(6)
     for position, row in enumerate(shown.itertuples()):
         with columns[position % 6]:
-            st.image(thumbnail(row.path), caption=Path(row.path).name)
+            st.image(thumbnail(row.path), caption=readable(Path(row.path).name))
 
 
 def show_sizes(files: pd.DataFrame) -> None:
@@ -142,15 +159,53 @@ def show_problems(report: dict) -> None:
     st.subheader("Files left out")
     if report["excluded"]:
         st.error(f"{report['num_excluded']} file(s) cannot be used and will not be trained on:")
-        st.dataframe(pd.DataFrame(report["excluded"])[["path", "reason"]], hide_index=True, key="excluded")
+        excluded = pd.DataFrame(report["excluded"])[["path", "reason"]]
+        st.dataframe(excluded.assign(path=excluded["path"].map(readable)), hide_index=True, key="excluded")
     else:
         st.success("Every image file can be used.")
     if report["ignored"]:
         st.caption(f"{report['num_ignored']} other file(s) ignored ({report['num_hidden_ignored']} hidden):")
-        st.dataframe(pd.DataFrame(report["ignored"]), hide_index=True, key="ignored")
+        ignored = pd.DataFrame(report["ignored"])
+        st.dataframe(ignored.assign(path=ignored["path"].map(readable)), hide_index=True, key="ignored")
     if report["notes"]:
         with st.expander(f"{len(report['notes'])} file(s) converted or fixed on the fly"):
-            st.dataframe(pd.DataFrame(report["notes"]), hide_index=True)
+            notes = pd.DataFrame(report["notes"])
+            st.dataframe(notes.assign(path=notes["path"].map(readable)), hide_index=True)
+
+
+def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
+    """Duplicates, near-duplicates and leakage, worked out only once the section is opened."""
+    section = st.expander("Data doctor: duplicates, near-duplicates, leakage", key="doctor", on_change="rerun")
+    with section:
+        if not section.open:
+            return
+        doctor = cached_doctor(path, fingerprint, *fractions, scan)
+        rule = doctor["near_duplicate_rule"]
+        st.caption(" ".join(doctor["rules"]))
+        first, second, third = st.columns(3)
+        first.metric("Duplicate files", doctor["num_duplicate_files"], help="Files whose bytes are identical.")
+        second.metric("Near-duplicate pairs", doctor["num_near_duplicate_pairs"],
+                      help=f"The same picture resized, re-encoded or retouched: {rule['hash']}, "
+                           f"at most {rule['max_distance']} bits apart, with similar colours.")
+        third.metric("Leaks", doctor["num_leaks"],
+                     help="The same or nearly the same picture in train and in validation or test: "
+                          "it makes the held-out scores look better than they are.")
+        if not doctor["leakage_checked"]:
+            st.info("Leakage is not checked: there is no split yet (see the error above).")
+        for title, rows in finding_pairs(doctor).items():
+            if not rows:
+                continue
+            st.markdown(f"**{title}**")
+            table = pd.DataFrame(rows)
+            shown = {column: table[column].map(lambda file: readable(os.path.relpath(file, path)))
+                     for column in ("first", "second")}
+            st.dataframe(table.assign(**shown), hide_index=True, key=f"doctor_{title}")
+            for row in rows[:PAIRS_SHOWN]:
+                left, right = st.columns(2)
+                left.image(thumbnail(row["first"]), width=160,
+                           caption=f"{row['first class']}: {readable(Path(row['first']).name)}")
+                right.image(thumbnail(row["second"]), width=160,
+                            caption=f"{row['second class']}: {readable(Path(row['second']).name)} ({row['how close']})")
 
 
 st.title("Data")
@@ -159,9 +214,10 @@ if not path:
     st.info("Choose a dataset above. New here? Pick the built-in **digits** sample.")
     st.stop()
 
-st.markdown(f"**Dataset:** `{path}`")
+st.markdown(f"**Dataset:** `{readable(path)}`")
 try:
-    scan, report, files = cached_scan(path, dataset_fingerprint(path))
+    fingerprint = dataset_fingerprint(path)
+    scan, report, files = cached_scan(path, fingerprint)
 except DataError as error:
     st.error(str(error))
     st.stop()
@@ -174,9 +230,10 @@ fourth.metric("Ignored", report["num_ignored"], help="Hidden files and files tha
 for warning in report["warnings"]:
     st.warning(warning)
 show_balance(report)
-show_split(scan, report)
+fractions = show_split(scan, report)
 show_grid(files, classes)
 show_sizes(files)
 show_problems(report)
+show_doctor(path, fingerprint, scan, fractions)
 if st.button("Train on this data →", type="primary"):
     st.switch_page("pages/train.py")

@@ -2,14 +2,17 @@
 
 import io
 import os
+import re
 import stat
+import struct
+import tomllib
 import zipfile
 
 import pytest
 
 from engine.ingest import ZipLimits, data_roots, extract_zip, list_dataset_folders, resolve_in_roots
 from engine.samples import ensure_sample
-from tests.conftest import make_dataset
+from tests.conftest import REPO_ROOT, make_dataset
 
 
 def _zip(entries: dict, symlinks=()) -> io.BytesIO:
@@ -66,6 +69,89 @@ def test_folders_resolve_only_inside_the_roots(tmp_path):
         with pytest.raises(ValueError, match="outside the data roots"):
             resolve_in_roots(str(path), [root.resolve()])
     assert inside.resolve() in list_dataset_folders([root.resolve()])
+
+
+def test_a_link_inside_the_folder_that_leads_outside_the_roots_is_refused(tmp_path):
+    root = tmp_path / "root"
+    dataset = make_dataset(root / "photos", per_class=2)
+    outside = make_dataset(tmp_path / "outside", per_class=2)
+    roots = [root.resolve()]
+    hostile = {
+        "cats/borrowed.jpg": outside / "cats" / "cats_0.jpg",   # a linked file
+        "birds": outside / "dogs",                               # a linked class folder
+        "dogs/nested/up": root / ".." / "outside",              # '..' inside a link's target
+        "dogs/loop": dataset / "dogs" / "loop",                  # a link to itself
+    }
+    (dataset / "dogs" / "nested").mkdir()
+    for name, target in hostile.items():
+        os.symlink(target, dataset / name)
+        with pytest.raises(ValueError, match=f"holds a link that leads outside the data roots: '{name}'"):
+            resolve_in_roots(str(dataset), roots)
+        os.unlink(dataset / name)
+    # Links that stay inside the roots are followed as before.
+    os.symlink(dataset / "cats" / "cats_0.jpg", dataset / "dogs" / "same_cat.jpg")
+    os.symlink(dataset / "cats", dataset / "kittens")
+    assert resolve_in_roots(str(dataset), roots) == dataset.resolve()
+
+
+def _lying_zip() -> io.BytesIO:
+    """A member whose headers say 10 bytes while 1000 follow."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as bundle:
+        bundle.writestr("cats/a.png", b"x" * 1000)
+    data = bytearray(buffer.getvalue())
+    struct.pack_into("<I", data, data.index(b"PK\x03\x04") + 22, 10)
+    struct.pack_into("<I", data, data.index(b"PK\x01\x02") + 24, 10)
+    return io.BytesIO(bytes(data))
+
+
+HOSTILE_ARCHIVES = {
+    "parent": (lambda: _zip({"cats/ok.png": b"x", "../escape.png": b"x"}), {}, "points outside the archive"),
+    "absolute": (lambda: _zip({"cats/ok.png": b"x", "/etc/evil.png": b"x"}), {}, "points outside the archive"),
+    "nested parent": (lambda: _zip({"cats/ok.png": b"x", "a/../../e.png": b"x"}), {}, "points outside the archive"),
+    "drive letter": (lambda: _zip({"cats/ok.png": b"x", "C:/evil.png": b"x"}), {}, "points outside the archive"),
+    "backslashes": (lambda: _zip({"cats/ok.png": b"x", "..\\evil.png": b"x"}), {}, "points outside the archive"),
+    "symlink": (lambda: _zip({"cats/ok.png": b"x"}, symlinks=[("cats/l.png", "/etc/passwd")]), {}, "symbolic link"),
+    "members": (lambda: _zip({"a/1": b"x", "a/2": b"x", "a/3": b"x"}), {"max_members": 2}, "entries; at most 2"),
+    "total size": (lambda: _zip({"a/1": b"x" * 5000}), {"max_total_bytes": 1000, "max_ratio": 10**6}, "expands to"),
+    "ratio": (lambda: _zip({"cats/ok.png": b"x", "a/1": b"\0" * 1_000_000}), {}, "zip bomb"),
+    "lying size": (_lying_zip, {}, "not a valid zip archive"),
+    "not a zip": (lambda: io.BytesIO(b"not a zip"), {}, "not a valid zip archive"),
+    "cut short": (lambda: io.BytesIO(_zip({"cats/a.png": os.urandom(4000)}).getvalue()[:3000]), {},
+                  "not a valid zip archive"),
+    "file then folder": (lambda: _zip({"cats/ok.png": b"x", "dogs": b"x", "dogs/a.png": b"y"}), {},
+                         "could not be extracted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ARCHIVES))
+def test_every_rejected_archive_leaves_nothing_behind(tmp_path, case):
+    build, limits, message = HOSTILE_ARCHIVES[case]
+    uploads = tmp_path / "uploads"
+    with pytest.raises(ValueError, match=message):
+        extract_zip(build(), uploads, ZipLimits(**limits))
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == (["uploads"] if uploads.exists() else [])
+
+
+def test_each_upload_is_extracted_into_a_fresh_folder(tmp_path):
+    entries = {"cats/a.png": b"1", "dogs/b.png": b"2"}
+    first = extract_zip(_zip(entries), tmp_path / "uploads")
+    second = extract_zip(_zip(entries), tmp_path / "uploads")
+    assert first != second and first.parent == second.parent == tmp_path / "uploads"
+    assert first.name.startswith("upload-") and (first / "cats" / "a.png").read_bytes() == b"1"
+    assert sorted(entry.name for entry in (tmp_path / "uploads").iterdir()) == sorted([first.name, second.name])
+
+
+def test_streamlit_settings_keep_xsrf_protection_and_a_deliberate_upload_limit():
+    server = tomllib.loads((REPO_ROOT / ".streamlit" / "config.toml").read_text())["server"]
+    assert server["enableXsrfProtection"] is True
+    # With CORS off Streamlit accepts a WebSocket from any origin, which XSRF protection does not stop.
+    assert server["enableCORS"] is True
+    documented = re.search(r"caps uploads at (\d+) MB", (REPO_ROOT / "README.md").read_text())
+    assert documented and server["maxUploadSize"] == int(documented.group(1))
+    # An upload can never be larger than what extraction accepts.
+    assert 0 < server["maxUploadSize"] * 1024**2 <= ZipLimits().max_total_bytes
 
 
 def test_data_roots_come_from_the_environment(tmp_path, monkeypatch):
