@@ -248,15 +248,12 @@ def command_check(arguments) -> int:
     if arguments.json:
         print(json.dumps(report, indent=2))
     else:
-        print(_printable(format_check_report(report)))
+        from engine.images import printable
+
+        print(printable(format_check_report(report)))
     if not report["trainable"]:
         raise CommandError(report["errors"][0])
     return 0
-
-
-def _printable(text: str) -> str:
-    """File names that are not valid UTF-8 are shown with their odd bytes escaped (`\\xe9`)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def format_check_report(report: dict) -> str:

@@ -70,6 +70,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def printable(text: str) -> str:
+    """A path as text that can be shown or printed: bytes of a file name that are not UTF-8
+    (surrogate escapes in Python) appear escaped, e.g. `caf\\xe9.png`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def has_image_extension(name: str) -> bool:
     """True when the name ends in one of IMAGE_EXTENSIONS, in any letter case."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS

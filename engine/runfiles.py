@@ -74,8 +74,12 @@ def write_through_temporary(path: str | os.PathLike, write) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes a text file atomically, encoded as UTF-8."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Writes a text file atomically, encoded as UTF-8.
+
+    A file name that is not valid UTF-8 reaches Python as surrogate escapes; it is written
+    back as its original bytes (and `read_csv` reads it so), so such a file still trains.
+    """
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -148,7 +152,7 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterabl
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """Reads a CSV file into dictionaries; a missing or unreadable file gives an empty list."""
     try:
-        with open(path, "r", encoding="utf-8", newline="") as handle:
+        with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as handle:
             return list(csv.DictReader(handle))
     except (OSError, csv.Error, UnicodeDecodeError):
         return []

@@ -9,6 +9,7 @@ import streamlit as st
 
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.doctor import check_dataset, finding_pairs
+from engine.images import printable
 from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
@@ -32,11 +33,6 @@ def cached_scan(path: str, fingerprint: str):
 def cached_doctor(path: str, fingerprint: str, validation_fraction: float, test_fraction: float, _scan):
     """The data doctor's report; cached by folder fingerprint and split (the hashes are cached on disk too)."""
     return check_dataset(path, validation_fraction, test_fraction, scan=_scan)
-
-
-def readable(path: str) -> str:
-    """A path as text that can be shown: bytes of a name that are not UTF-8 are escaped."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def choose_dataset() -> str | None:
@@ -143,7 +139,7 @@ def show_grid(files: pd.DataFrame, classes: list) -> None:
     columns = st.columns(6)
     for position, row in enumerate(shown.itertuples()):
         with columns[position % 6]:
-            st.image(thumbnail(row.path), caption=readable(Path(row.path).name))
+            st.image(thumbnail(row.path), caption=printable(Path(row.path).name))
 
 
 def show_sizes(files: pd.DataFrame) -> None:
@@ -160,17 +156,17 @@ def show_problems(report: dict) -> None:
     if report["excluded"]:
         st.error(f"{report['num_excluded']} file(s) cannot be used and will not be trained on:")
         excluded = pd.DataFrame(report["excluded"])[["path", "reason"]]
-        st.dataframe(excluded.assign(path=excluded["path"].map(readable)), hide_index=True, key="excluded")
+        st.dataframe(excluded.assign(path=excluded["path"].map(printable)), hide_index=True, key="excluded")
     else:
         st.success("Every image file can be used.")
     if report["ignored"]:
         st.caption(f"{report['num_ignored']} other file(s) ignored ({report['num_hidden_ignored']} hidden):")
         ignored = pd.DataFrame(report["ignored"])
-        st.dataframe(ignored.assign(path=ignored["path"].map(readable)), hide_index=True, key="ignored")
+        st.dataframe(ignored.assign(path=ignored["path"].map(printable)), hide_index=True, key="ignored")
     if report["notes"]:
         with st.expander(f"{len(report['notes'])} file(s) converted or fixed on the fly"):
             notes = pd.DataFrame(report["notes"])
-            st.dataframe(notes.assign(path=notes["path"].map(readable)), hide_index=True)
+            st.dataframe(notes.assign(path=notes["path"].map(printable)), hide_index=True)
 
 
 def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
@@ -197,15 +193,15 @@ def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
                 continue
             st.markdown(f"**{title}**")
             table = pd.DataFrame(rows)
-            shown = {column: table[column].map(lambda file: readable(os.path.relpath(file, path)))
+            shown = {column: table[column].map(lambda file: printable(os.path.relpath(file, path)))
                      for column in ("first", "second")}
             st.dataframe(table.assign(**shown), hide_index=True, key=f"doctor_{title}")
             for row in rows[:PAIRS_SHOWN]:
                 left, right = st.columns(2)
                 left.image(thumbnail(row["first"]), width=160,
-                           caption=f"{row['first class']}: {readable(Path(row['first']).name)}")
+                           caption=f"{row['first class']}: {printable(Path(row['first']).name)}")
                 right.image(thumbnail(row["second"]), width=160,
-                            caption=f"{row['second class']}: {readable(Path(row['second']).name)} ({row['how close']})")
+                            caption=f"{row['second class']}: {printable(Path(row['second']).name)} ({row['how close']})")
 
 
 st.title("Data")
@@ -214,7 +210,7 @@ if not path:
     st.info("Choose a dataset above. New here? Pick the built-in **digits** sample.")
     st.stop()
 
-st.markdown(f"**Dataset:** `{readable(path)}`")
+st.markdown(f"**Dataset:** `{printable(path)}`")
 try:
     fingerprint = dataset_fingerprint(path)
     scan, report, files = cached_scan(path, fingerprint)

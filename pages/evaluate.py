@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import runfiles
+from engine.images import printable
 from engine.interpret import cell_images, load_predictions, most_confused, per_class_table, top_losses
 from ui import pick_run, runs_having, thumbnail
 
@@ -44,10 +45,10 @@ def image_grid(rows, empty_message: str) -> None:
     for position, row in enumerate(rows.itertuples()):
         with columns[position % GRID_COLUMNS]:
             try:
-                st.image(thumbnail(row.path, 200), caption=f"{Path(row.path).name}: {row.true} → {row.predicted} "
+                st.image(thumbnail(row.path, 200), caption=f"{printable(Path(row.path).name)}: {row.true} → {row.predicted} "
                                                     f"({row.confidence:.0%} sure)")
             except OSError:
-                st.caption(f"{Path(row.path).name} is no longer readable.")
+                st.caption(f"{printable(Path(row.path).name)} is no longer readable.")
 
 
 def pick_cell(classes: list, selection) -> tuple[str, str]:

@@ -707,9 +707,11 @@ def test_broken_files_are_excluded_and_odd_files_are_trained(tmp_path):
     root = make_dataset(tmp_path / "mixed", per_class=8)
     broken = {**write_broken(root / "cats"), **write_broken(root / "dogs")}
     odd = {**write_odd(root / "cats" / "odd", RED), **write_odd(root / "dogs" / "odd", BLUE)}
+    not_utf8 = write_image(non_utf8_path(root / "cats"), RED, noise_seed=99)
     run_dir = create_run(tiny_config(root), tmp_path / "runs")
     assert run_training(run_dir) == "finished", runfiles.read_json(run_dir / "status.json")
     trained = {row["path"] for row in runfiles.read_csv(run_dir / "split.csv")}
+    assert str(not_utf8) in trained  # written back as its own bytes, read back as the same path
     for class_name in ("cats", "dogs"):
         for name in odd:
             assert str(root / class_name / "odd" / name) in trained, (class_name, name)
