@@ -270,10 +270,14 @@ def scan_dataset(
     else:
         paths = [path for path, _, _ in candidates]
         checks = check_files(paths) if check_files else check_all(paths, progress, workers)
-        try:
-            atomic_write_json(cache_file, {"version": SCAN_CACHE_VERSION, "root": str(root_path), "checks": checks})
-        except OSError:
-            pass  # A read-only cache only costs a re-scan next time.
+        # Files that changed or vanished while being checked (a folder moved away and back)
+        # would leave wrong results under the old fingerprint: such a scan is not cached.
+        if fingerprint_files(paths) == fingerprint:
+            try:
+                atomic_write_json(cache_file, {"version": SCAN_CACHE_VERSION, "root": str(root_path),
+                                               "checks": checks})
+            except OSError:
+                pass  # A read-only cache only costs a re-scan next time.
     files, excluded = [], []
     for (path, label, split), check in zip(candidates, checks):
         if check["ok"]:

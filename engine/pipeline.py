@@ -21,7 +21,8 @@ import numpy as np
 
 from engine.data import DatasetScan, check_all, fingerprint_files, scan_dataset
 from engine.images import inspect_image, load_rgb
-from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
+from engine.runfiles import (atomic_write_json, fault_point, process_tag, read_json,
+                              remove_orphaned_temporaries)
 
 IMAGE_CACHE_VERSION = 1
 
@@ -91,6 +92,10 @@ def build_image_cache(
         )
         try:
             failed, checks = _decode_into(images, paths, image_size, progress, workers, check)
+            if image_cache_key(paths, image_size) != key:
+                # Files changed or vanished while being decoded: this run may use what it
+                # read (the mapping outlives the file), but nothing is kept under the old key.
+                return ImageCache(images, failed, None, checks)
             images.flush()
             del images
             # The array becomes visible under its final name only once it is complete,
@@ -114,6 +119,8 @@ def _decode_into(images, paths, image_size, progress, workers, check=False) -> t
 
     def decode(index_and_path):
         index, path = index_and_path
+        if index >= total // 2:
+            fault_point("decoding")  # tests only: hold every thread half-way
         if check:
             result, pixels = inspect_image(path, image_size)
             if pixels is not None:

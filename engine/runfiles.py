@@ -9,12 +9,15 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
+import logging
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -188,4 +191,29 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Test-only fault injection, read in `fault_point` alone; never set it outside tests.
+# "POINT:pause[:RELEASE_FILE]" holds the process at POINT until RELEASE_FILE exists (or until
+# it is killed); "POINT:fail" raises a simulated disk error there. POINT is "decoding" (every
+# decoding thread, once half of the images are decoded into the cache) or "saving"
+# (model.keras written under its temporary name, not yet renamed).
+FAULT_VARIABLE = "TRANSFER_STUDIO_FAULT"
+
+
+def fault_point(point: str) -> None:
+    """Pauses or fails here when `$TRANSFER_STUDIO_FAULT` names this point (tests only)."""
+    value = os.environ.get(FAULT_VARIABLE, "")
+    name, _, rest = value.partition(":")
+    if not value or name != point:
+        return
+    action, _, release = rest.partition(":")
+    if action == "fail":
+        raise OSError(errno.ENOSPC, f"No space left on device (simulated by {FAULT_VARIABLE} at {point})")
+    if action == "pause":
+        logger = logging.getLogger("engine.faults")
+        logger.warning("%s: paused at %s.", FAULT_VARIABLE, point)
+        while not (release and os.path.exists(release)):
+            time.sleep(0.05)
+        logger.warning("%s: released at %s.", FAULT_VARIABLE, point)
 

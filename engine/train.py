@@ -9,7 +9,6 @@ present the run resumes from it, on the same split, counting epochs on.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -36,12 +35,8 @@ VALIDATION_FEATURE_BATCH = 1024
 STOP_REQUEST_FILE = runfiles.STOP_REQUEST_FILE
 CHECKPOINT_MODEL_FILE = runfiles.CHECKPOINT_MODEL_FILE
 CHECKPOINT_STATE_FILE = runfiles.CHECKPOINT_STATE_FILE
-# Test-only fault injection, read in `fault_point` alone; never set it outside tests.
-# "POINT:pause[:RELEASE_FILE]" holds the worker at POINT until RELEASE_FILE exists (or until it
-# is killed); "POINT:fail" raises a simulated disk error there. POINT is "decoding" (part-way
-# through decoding the images into the cache) or "saving" (model.keras written under its
-# temporary name, not yet renamed).
-FAULT_VARIABLE = "TRANSFER_STUDIO_FAULT"
+FAULT_VARIABLE = runfiles.FAULT_VARIABLE
+fault_point = runfiles.fault_point
 
 
 class StopRequested(Exception):
@@ -101,22 +96,6 @@ def run_training(run_dir: str | os.PathLike, echo=None) -> str:
         handler.close()
 
 
-def fault_point(point: str) -> None:
-    """Pauses or fails here when `$TRANSFER_STUDIO_FAULT` names this point (tests only)."""
-    value = os.environ.get(FAULT_VARIABLE, "")
-    name, _, rest = value.partition(":")
-    if not value or name != point:
-        return
-    action, _, release = rest.partition(":")
-    if action == "fail":
-        raise OSError(errno.ENOSPC, f"No space left on device (simulated by {FAULT_VARIABLE} at {point})")
-    if action == "pause":
-        logger.warning("%s: paused at %s.", FAULT_VARIABLE, point)
-        while not (release and os.path.exists(release)):
-            time.sleep(0.05)
-        logger.warning("%s: released at %s.", FAULT_VARIABLE, point)
-
-
 def _remove_dead_saves(run_dir: Path) -> None:
     """Deletes the temporaries (`.<pid>.model.keras`, `.<pid>.checkpoint.keras`…) of a worker killed mid-save.
 
@@ -164,8 +143,6 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
     def progress(done, total):
         check_stop()
         status.update(message=f"Checking and decoding images: {done}/{total}.")
-        if done < total:
-            fault_point("decoding")
 
     def read_and_decode():
         if config.data.subset_fraction < 1.0:

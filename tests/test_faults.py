@@ -3,7 +3,7 @@
 Real worker processes, real files and real signals. Where a fault must land at an exact
 point that timing cannot hit on tiny data (half-way through decoding the images, between
 writing `model.keras` and renaming it), the worker is paused or failed there by the
-test-only `$TRANSFER_STUDIO_FAULT` (see `engine.train.fault_point`); everything else is
+test-only `$TRANSFER_STUDIO_FAULT` (see `engine.runfiles.fault_point`); everything else is
 timed from the run folder, as a user would see it.
 """
 
@@ -348,6 +348,7 @@ def test_the_data_folder_vanishing_mid_run(data, runs_dir, tmp_path, monkeypatch
     early = runs_dir / jobs.start(config_for(data), runs_dir)
 
     wait_for_log(early, "paused at decoding")
+    backup = shutil.copytree(data, tmp_path / "backup")  # same names, sizes and modification times
     shutil.rmtree(data)
     release.write_text("go\n")
     wait_until(lambda: len(epoch_events(late)) >= 2, what="two epochs of the late run")
@@ -364,6 +365,14 @@ def test_the_data_folder_vanishing_mid_run(data, runs_dir, tmp_path, monkeypatch
     assert final_status(late)["state"] == "finished"
     assert_readable(late, "finished")
     assert runfiles.read_json(late / "evaluation.json")["splits"]["validation"]["num_images"] == 6
+
+    # The folder comes back as it was (the same fingerprint): nothing the vanished read saw was
+    # cached under it, so every image is usable again.
+    monkeypatch.delenv(FAULT_VARIABLE)
+    shutil.copytree(backup, data)
+    again = runs_dir / jobs.start(config_for(data, epochs=2), runs_dir)
+    assert final_status(again)["state"] == "finished"
+    assert runfiles.read_json(again / "data_report.json")["excluded"] == []
 
 
 def test_two_runs_started_together_on_the_same_data_share_the_caches(data, runs_dir, cache_dir, tmp_path,
