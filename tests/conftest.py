@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,14 @@ def keras_home_with_mobilenet(shared_dir) -> Path:
     (SESSION_KERAS_HOME / "models").mkdir(parents=True, exist_ok=True)
     shutil.copy(source, SESSION_KERAS_HOME / "models" / source.name)
     return SESSION_KERAS_HOME
+
+
+def wait_until(predicate, timeout=120.0, interval=0.2, what="condition"):
+    """Polls `predicate` until it returns something true (returned), or fails after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

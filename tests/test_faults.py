@@ -7,6 +7,7 @@ test-only `$TRANSFER_STUDIO_FAULT` (see `engine.runfiles.fault_point`); everythi
 timed from the run folder, as a user would see it.
 """
 
+import functools
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from engine.config import RunConfig
 from engine.interpret import log_tail, metrics_frames
 from engine.runs import get_run, list_runs, read_status
 from engine.train import FAULT_VARIABLE, run_training
-from tests.conftest import make_dataset
+from tests.conftest import make_dataset, wait_until as shared_wait_until
 
 pytestmark = pytest.mark.training
 
@@ -34,19 +35,13 @@ STATE_RANK = {"queued": 0, "running": 1, "finished": 2, "failed": 2, "stopped": 
 HEAD = "phase 1: training the new head"
 
 
-def wait_until(predicate, timeout=90.0, interval=0.05, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+# Head epochs on tiny data take milliseconds: poll often, so a kill lands in the phase meant.
+wait_until = functools.partial(shared_wait_until, timeout=90.0, interval=0.05)
 
 
 @pytest.fixture
 def data(tmp_path):
-    # 60 images: decoding reports progress at 32, so a pause there is half-way through the cache.
+    # 60 images: the decoding threads pause at the 30th, half-way through the cache.
     return make_dataset(tmp_path / "data", per_class=30)
 
 
@@ -141,6 +136,15 @@ def assert_complete_zip(path):
         assert archive.testzip() is None
 
 
+def kill_and_expect_failed(run_dir):
+    """SIGKILLs the worker; the run must read `failed`, stay readable and hold no model.keras."""
+    kill_worker(run_dir)
+    status = final_status(run_dir, timeout=15)
+    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
+    assert_readable(run_dir, "failed")
+    assert not (run_dir / "model.keras").exists()
+
+
 def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir, cache_dir, monkeypatch):
     monkeypatch.setenv(FAULT_VARIABLE, "decoding:pause")
     run_id = jobs.start(config_for(data), runs_dir)
@@ -149,12 +153,7 @@ def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir
     assert jobs.refresh(run_dir)["phase"] == "checking data"
     # Half-way: the images are in a temporary file, nothing under the cache's final name yet.
     assert list((cache_dir / "images").glob(".*.npy.tmp")) and not list((cache_dir / "images").glob("*.npy"))
-    kill_worker(run_dir)
-
-    status = final_status(run_dir, timeout=15)
-    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
-    assert_readable(run_dir, "failed")
-    assert not (run_dir / "model.keras").exists()
+    kill_and_expect_failed(run_dir)
 
     monkeypatch.delenv(FAULT_VARIABLE)
     jobs.resume(run_id, runs_dir)
@@ -223,12 +222,7 @@ def test_killed_while_saving_leaves_no_model_and_resumes_to_a_whole_one(data, ru
     assert status["phase"] == "saving"
     # Written under its temporary name, not yet renamed: the moment a kill must not leave half a model.
     assert (run_dir / f".{status['pid']}.model.keras").is_file() and not (run_dir / "model.keras").exists()
-    kill_worker(run_dir)
-
-    status = final_status(run_dir, timeout=15)
-    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
-    assert_readable(run_dir, "failed")
-    assert not (run_dir / "model.keras").exists()
+    kill_and_expect_failed(run_dir)
 
     monkeypatch.delenv(FAULT_VARIABLE)
     jobs.resume(run_id, runs_dir)

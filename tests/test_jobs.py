@@ -13,19 +13,9 @@ import pytest
 from engine import jobs, runfiles
 from engine.config import RunConfig
 from engine.runs import get_run, list_runs
-from tests.conftest import REPO_ROOT, make_dataset
+from tests.conftest import REPO_ROOT, make_dataset, wait_until
 
 pytestmark = pytest.mark.training
-
-
-def wait_until(predicate, timeout=120.0, interval=0.2, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
