@@ -79,12 +79,16 @@ def page():
 
 def screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    # Wait for the page to finish drawing: no placeholders left where elements are still loading.
+    # Wait for the page to finish drawing: the script no longer running, and no placeholders
+    # left where elements are still loading.
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60000)
     page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30000)
     page.wait_for_timeout(800)
-    # The main area scrolls inside the page; a tall viewport captures all of it.
+    # The main area scrolls inside the page; a tall viewport captures all of it. Charts and
+    # images lay themselves out again for the new size before the picture is taken.
     height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 800")
     page.set_viewport_size({"width": 1280, "height": max(800, min(int(height) + 100, 4000))})
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 800})
 
@@ -142,6 +146,11 @@ def test_new_user_trains_watches_explores_and_predicts(app_server, page):
     page.get_by_text("Usable images").wait_for(timeout=30000)
     expect(page.locator("[data-testid='stMetricValue']").nth(1)).to_have_text("48", timeout=30000)
     screenshot(page, "2-data")
+    page.get_by_text("Data doctor: duplicates, near-duplicates, leakage").click()
+    # The doctor's three counts appear (these generated images are noisy, so all three are 0).
+    page.get_by_text("Near-duplicate pairs").wait_for(timeout=60000)
+    expect(page.get_by_text("Leaks")).to_be_visible()
+    screenshot(page, "2b-data-doctor")
 
     page.get_by_role("button", name="Train on this data").click()
     page.get_by_role("heading", name="Train", exact=True).wait_for(timeout=30000)
@@ -178,7 +187,8 @@ def test_new_user_trains_watches_explores_and_predicts(app_server, page):
     page.wait_for_timeout(500)
     page.mouse.click(*centre)
     page.get_by_text(f"True {true}, predicted {predicted}").wait_for(timeout=30000)
-    captions = page.locator("[data-testid='stImageCaption']")
+    # The grid redraws after the click: wait for the clicked cell's images, not the old ones.
+    captions = page.locator("[data-testid='stImageCaption']", has_text=f"{true} → {predicted}")
     captions.first.wait_for(timeout=30000)
     assert f"{true} → {predicted}" in captions.first.inner_text()
     page.set_viewport_size({"width": 1280, "height": 800})
