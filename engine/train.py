@@ -148,8 +148,7 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
         if config.data.subset_fraction < 1.0:
             # A subset decodes only the images it keeps, after a scan that checks them all.
             if resumed_split:
-                manifest = [SplitItem(row["path"], row["label"], row["split"]) for row in resumed_split]
-                report = runfiles.read_json(run_dir / runfiles.DATA_REPORT_FILE) or {"excluded": []}
+                manifest, report = _resumed_split(run_dir, resumed_split)
             else:
                 scan = scan_dataset(config.data.path, progress=progress)
                 manifest, report = _split(scan, config)
@@ -158,11 +157,7 @@ def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, 
             return manifest, report, cache, list(range(len(manifest)))
         # The whole folder, checked and decoded in one pass into one cache that any split reuses.
         scan, cache = scan_and_decode(config.data.path, image_size, cache=config.data.cache, progress=progress)
-        if resumed_split:
-            manifest = [SplitItem(row["path"], row["label"], row["split"]) for row in resumed_split]
-            report = runfiles.read_json(run_dir / runfiles.DATA_REPORT_FILE) or {"excluded": []}
-        else:
-            manifest, report = _split(scan, config)
+        manifest, report = _resumed_split(run_dir, resumed_split) if resumed_split else _split(scan, config)
         row_of = {path: row for row, path in enumerate(scan.candidates)}
         return manifest, report, cache, [row_of.get(item.path, -1) for item in manifest]
 
@@ -233,6 +228,12 @@ def _while_the_folder_stays(folder: str, read):
 def _vanished(folder: str) -> str:
     return (f"The data folder {folder!r} disappeared while its images were being read; "
             "put it back and resume the run.")
+
+
+def _resumed_split(run_dir: Path, rows: list[dict]) -> tuple[list[SplitItem], dict]:
+    """The manifest and data report a resumed run trained on, from its split.csv and data_report.json."""
+    manifest = [SplitItem(row["path"], row["label"], row["split"]) for row in rows]
+    return manifest, runfiles.read_json(run_dir / runfiles.DATA_REPORT_FILE) or {"excluded": []}
 
 
 def _split(scan, config: RunConfig) -> tuple[list[SplitItem], dict]:
@@ -319,6 +320,11 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
             logger.info("Stop requested: leaving training after the current batch.")
         return progress.completed_epochs, progress.stop_requested
 
+    def image_data(split, shuffle):
+        # Batches gathered from the decode-once image cache; the seed moves on with the epochs.
+        return make_dataset(data.images, data.labels[split], training.batch_size, shuffle=shuffle,
+                            seed=training.seed + epochs_done, binary=binary, rows=data.positions[split])
+
     stopped = False
     head = None
     features = {}
@@ -354,11 +360,6 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
             _say(status, echo, "phase 1: training the new head",
                  f"Phase 1: training the new head for epochs {epochs_done + 1}–{training.epochs} "
                  f"on {len(data.positions['train'])} images, every image through the base every epoch.")
-
-            def image_data(split, shuffle):
-                return make_dataset(data.images, data.labels[split], training.batch_size, shuffle=shuffle,
-                                    seed=training.seed + epochs_done, binary=binary, rows=data.positions[split])
-
             done, stopped = fit(model, image_data("train", True), image_data("validation", False), 1,
                                 training.epochs, planned, "full", _keras_callbacks(config, run_dir))
             epochs_done += done
@@ -375,13 +376,8 @@ def _train(run_dir: Path, status: StatusWriter, echo) -> str:
                  f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
                  f"epochs {epochs_done + 1}–{final_epoch}.")
             # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
-            seed = training.seed + epochs_done
-            train_data = make_dataset(data.images, data.labels["train"], training.batch_size, shuffle=True,
-                                      seed=seed, binary=binary, rows=data.positions["train"])
-            validation_data = make_dataset(data.images, data.labels["validation"], training.batch_size,
-                                           binary=binary, rows=data.positions["validation"])
-            done, stopped = fit(model, train_data, validation_data, 2, final_epoch, final_epoch, "full",
-                                _keras_callbacks(config, run_dir))
+            done, stopped = fit(model, image_data("train", True), image_data("validation", False), 2, final_epoch,
+                                final_epoch, "full", _keras_callbacks(config, run_dir))
             epochs_done += done
             fine_tuned = True
 

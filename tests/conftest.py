@@ -108,3 +108,21 @@ def wait_until(predicate, timeout=120.0, interval=0.2, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_config(data, epochs=200, **overrides):
+    """A small run for job and fault tests: MobileNet α=0.25 at 48 px from random weights."""
+    from engine.config import RunConfig
+
+    values = {"data.path": str(data), "model.backbone": "MobileNet", "model.alpha": 0.25, "model.weights": "none",
+              "model.image_size": 48, "training.epochs": epochs, "training.batch_size": 4}
+    values.update(overrides)
+    return RunConfig().replace(**values)
+
+
+def epoch_events(run_dir):
+    """The per-epoch events of a run's metrics.jsonl, in order."""
+    from engine import runfiles
+
+    return [event for event in runfiles.read_jsonl(Path(run_dir) / "metrics.jsonl") if event.get("type") == "epoch"]
+

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 from engine import jobs, runfiles
-from engine.config import RunConfig
 from engine.interpret import log_tail, metrics_frames
 from engine.runs import get_run, list_runs, read_status
 from engine.train import FAULT_VARIABLE, run_training
-from tests.conftest import make_dataset, wait_until as shared_wait_until
+from tests.conftest import epoch_events, job_config, make_dataset, wait_until as shared_wait_until
 
 pytestmark = pytest.mark.training
 
@@ -64,15 +63,7 @@ def cache_dir(isolated_environment):
     return isolated_environment / "cache"
 
 
-def config_for(data, epochs=3, **overrides):
-    values = {"data.path": str(data), "model.backbone": "MobileNet", "model.alpha": 0.25, "model.weights": "none",
-              "model.image_size": 48, "training.epochs": epochs, "training.batch_size": 4}
-    values.update(overrides)
-    return RunConfig().replace(**values)
-
-
-def epoch_events(run_dir):
-    return [event for event in runfiles.read_jsonl(Path(run_dir) / "metrics.jsonl") if event.get("type") == "epoch"]
+config_for = functools.partial(job_config, epochs=3)
 
 
 def log_text(run_dir):

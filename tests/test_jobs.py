@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine import jobs, runfiles
-from engine.config import RunConfig
 from engine.runs import get_run, list_runs
-from tests.conftest import REPO_ROOT, make_dataset, wait_until
+from tests.conftest import REPO_ROOT, epoch_events, job_config, make_dataset, wait_until
 
 pytestmark = pytest.mark.training
 
@@ -28,15 +27,6 @@ def runs_dir(tmp_path):
     return tmp_path / "runs"
 
 
-def config_for(data, epochs=200, **overrides):
-    values = {"data.path": str(data), "model.backbone": "MobileNet", "model.alpha": 0.25, "model.weights": "none",
-              "model.image_size": 48, "training.epochs": epochs, "training.batch_size": 4}
-    values.update(overrides)
-    return RunConfig().replace(**values)
-
-
-def epoch_events(run_dir):
-    return [event for event in runfiles.read_jsonl(Path(run_dir) / "metrics.jsonl") if event["type"] == "epoch"]
 
 
 def wait_for_training(runs_dir, run_id, batches=3):
@@ -46,7 +36,7 @@ def wait_for_training(runs_dir, run_id, batches=3):
 
 
 def test_start_runs_live_then_stops_cooperatively_with_model_and_evaluation(data, runs_dir):
-    run_id = jobs.start(config_for(data), runs_dir)
+    run_id = jobs.start(job_config(data), runs_dir)
     run_dir = runs_dir / run_id
     assert jobs.refresh(run_dir)["state"] in ("queued", "running")
     wait_for_training(runs_dir, run_id)
@@ -67,7 +57,7 @@ def test_start_runs_live_then_stops_cooperatively_with_model_and_evaluation(data
 
 
 def test_kill_minus_nine_of_the_worker_is_failed_within_ten_seconds(data, runs_dir):
-    run_id = jobs.start(config_for(data), runs_dir)
+    run_id = jobs.start(job_config(data), runs_dir)
     wait_for_training(runs_dir, run_id)
     run_dir = runs_dir / run_id
     os.kill(jobs.refresh(run_dir)["pid"], signal.SIGKILL)
@@ -81,7 +71,7 @@ def test_kill_minus_nine_of_the_worker_is_failed_within_ten_seconds(data, runs_d
 
 
 def test_a_run_whose_supervisor_also_died_is_failed_by_any_reader(data, runs_dir):
-    run_id = jobs.start(config_for(data), runs_dir)
+    run_id = jobs.start(job_config(data), runs_dir)
     wait_for_training(runs_dir, run_id)
     run_dir = runs_dir / run_id
     worker_pid = jobs.refresh(run_dir)["pid"]
@@ -92,7 +82,7 @@ def test_a_run_whose_supervisor_also_died_is_failed_by_any_reader(data, runs_dir
 
 
 def test_resume_after_stop_and_after_kill_counts_epochs_on(data, runs_dir):
-    run_id = jobs.start(config_for(data, epochs=8), runs_dir)
+    run_id = jobs.start(job_config(data, epochs=8), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 2, what="two epochs")
     jobs.stop(run_id, runs_dir)
@@ -125,7 +115,7 @@ def _interval(run_dir):
 
 def test_queue_with_one_slot_runs_in_start_order(data, runs_dir):
     jobs.set_max_concurrent(1, runs_dir)
-    ids = [jobs.start(config_for(data, epochs=2, name=f"q{number}"), runs_dir) for number in range(3)]
+    ids = [jobs.start(job_config(data, epochs=2, name=f"q{number}"), runs_dir) for number in range(3)]
     assert [jobs.refresh(runs_dir / run_id)["state"] for run_id in ids[1:]] == ["queued", "queued"]
     for run_id in ids:
         assert jobs.wait_for(run_id, timeout=180, runs_dir=runs_dir)["state"] == "finished"
@@ -136,7 +126,7 @@ def test_queue_with_one_slot_runs_in_start_order(data, runs_dir):
 
 def test_queue_with_two_slots_overlaps(data, runs_dir):
     jobs.set_max_concurrent(2, runs_dir)
-    ids = [jobs.start(config_for(data, epochs=3, name=f"p{number}"), runs_dir) for number in range(2)]
+    ids = [jobs.start(job_config(data, epochs=3, name=f"p{number}"), runs_dir) for number in range(2)]
     # Polled states, not metrics times: head epochs on cached features take a fraction of a
     # second, but each worker is `running` from its start (imports, decoding, features) on.
     both_running = wait_until(
@@ -148,7 +138,7 @@ def test_queue_with_two_slots_overlaps(data, runs_dir):
 
 
 def test_a_fresh_process_lists_and_reattaches_to_a_running_run(data, runs_dir):
-    run_id = jobs.start(config_for(data), runs_dir)
+    run_id = jobs.start(job_config(data), runs_dir)
     wait_for_training(runs_dir, run_id)
     code = (
         "import json, sys; from engine.runs import list_runs; from engine import jobs; "
@@ -165,8 +155,8 @@ def test_a_fresh_process_lists_and_reattaches_to_a_running_run(data, runs_dir):
 
 def test_stopping_a_queued_run_takes_it_off_the_queue(data, runs_dir):
     jobs.set_max_concurrent(1, runs_dir)
-    first = jobs.start(config_for(data), runs_dir)
-    second = jobs.start(config_for(data), runs_dir)
+    first = jobs.start(job_config(data), runs_dir)
+    second = jobs.start(job_config(data), runs_dir)
     assert jobs.stop(second, runs_dir)["state"] == "stopped"
     jobs.stop(first, runs_dir)
     assert jobs.wait_for(first, timeout=60, runs_dir=runs_dir)["state"] == "stopped"
@@ -178,7 +168,7 @@ def test_stopping_a_queued_run_takes_it_off_the_queue(data, runs_dir):
 def test_resume_refuses_a_running_or_finished_run(tmp_path):
     from engine.runs import create_run
 
-    run_dir = create_run(config_for(tmp_path), tmp_path / "runs")
+    run_dir = create_run(job_config(tmp_path), tmp_path / "runs")
     status = runfiles.read_json(run_dir / "status.json")
     status["state"] = "finished"
     runfiles.atomic_write_json(run_dir / "status.json", status)
@@ -189,7 +179,7 @@ def test_resume_refuses_a_running_or_finished_run(tmp_path):
 def test_corrupt_status_and_metrics_read_as_unknown_not_a_crash(tmp_path):
     from engine.runs import create_run
 
-    run_dir = create_run(config_for(tmp_path), tmp_path / "runs")
+    run_dir = create_run(job_config(tmp_path), tmp_path / "runs")
     (run_dir / "status.json").write_text('{"state": "runn')
     (run_dir / "metrics.jsonl").write_text('{"type": "epoch", "epoch": 1, "val_accuracy": 0.5}\nnot json\n{"type": "ep')
     (run_dir.parent / "empty-folder").mkdir()
@@ -199,7 +189,7 @@ def test_corrupt_status_and_metrics_read_as_unknown_not_a_crash(tmp_path):
 
 
 def test_worker_refuses_a_run_another_worker_holds(data, runs_dir):
-    run_id = jobs.start(config_for(data), runs_dir)
+    run_id = jobs.start(job_config(data), runs_dir)
     wait_for_training(runs_dir, run_id)
     result = subprocess.run([sys.executable, "-m", "engine", "worker", str(runs_dir / run_id)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
