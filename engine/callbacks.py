@@ -144,6 +144,7 @@ class RunProgress(keras.callbacks.Callback):
                   f"val_loss {event['val_loss'] if event['val_loss'] is None else round(event['val_loss'], 4)}, "
                   f"val_accuracy {accuracy if accuracy is None else round(accuracy, 4)} "
                   f"({epoch_seconds:.1f}s)" + " " * 10, file=self.echo, flush=True)
+        runfiles.fault_point("epoch_end")  # tests only: slow epochs down so a stop lands mid-run
 
     def _phase_name(self) -> str:
         return "phase 1: training the new head" if self.phase == 1 else "phase 2: fine-tuning"

@@ -195,21 +195,29 @@ def _process_alive(pid: int) -> bool:
 
 # Test-only fault injection, read in `fault_point` alone; never set it outside tests.
 # "POINT:pause[:RELEASE_FILE]" holds the process at POINT until RELEASE_FILE exists (or until
-# it is killed); "POINT:fail" raises a simulated disk error there. POINT is "decoding" (every
-# decoding thread, once half of the images are decoded into the cache) or "saving"
-# (model.keras written under its temporary name, not yet renamed).
+# it is killed); "POINT:fail" raises a simulated disk error there; "POINT:sleep:SECONDS" waits
+# there, so that tests which stop or kill a run mid-way are not racing epochs that take a
+# fraction of a second. POINT is "decoding" (every decoding thread, once half of the images
+# are decoded into the cache), "saving" (model.keras written under its temporary name, not yet
+# renamed) or "epoch_end" (after each epoch's event is written). Several faults are
+# separated by commas: "saving:fail,epoch_end:sleep:0.2".
 FAULT_VARIABLE = "TRANSFER_STUDIO_FAULT"
 
 
 def fault_point(point: str) -> None:
-    """Pauses or fails here when `$TRANSFER_STUDIO_FAULT` names this point (tests only)."""
-    value = os.environ.get(FAULT_VARIABLE, "")
-    name, _, rest = value.partition(":")
-    if not value or name != point:
-        return
-    action, _, release = rest.partition(":")
+    """Pauses, sleeps or fails here when `$TRANSFER_STUDIO_FAULT` names this point (tests only)."""
+    for fault in os.environ.get(FAULT_VARIABLE, "").split(","):
+        name, _, rest = fault.partition(":")
+        if name == point:
+            _inject(point, *rest.partition(":")[::2])
+
+
+def _inject(point: str, action: str, release: str) -> None:
     if action == "fail":
         raise OSError(errno.ENOSPC, f"No space left on device (simulated by {FAULT_VARIABLE} at {point})")
+    if action == "sleep":
+        time.sleep(float(release or 0))
+        return
     if action == "pause":
         logger = logging.getLogger("engine.faults")
         logger.warning("%s: paused at %s.", FAULT_VARIABLE, point)

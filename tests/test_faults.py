@@ -158,7 +158,8 @@ def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir
     assert not list((cache_dir / "images").glob(".*.npy.tmp"))
 
 
-def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir):
+def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir, monkeypatch):
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")  # the kill must land before epoch 100
     run_id = jobs.start(config_for(data, epochs=100), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 3, what="three head epochs")
@@ -182,7 +183,8 @@ def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir
     assert_no_dead_saves(run_dir)
 
 
-def test_killed_while_fine_tuning_reads_failed_and_resumes_in_phase_two(data, runs_dir):
+def test_killed_while_fine_tuning_reads_failed_and_resumes_in_phase_two(data, runs_dir, monkeypatch):
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.3")  # the kill must land before the last epoch
     config = config_for(data, epochs=2, **{"fine_tuning.layers": 10, "fine_tuning.epochs": 8})
     run_id = jobs.start(config, runs_dir)
     run_dir = runs_dir / run_id
@@ -233,8 +235,12 @@ def test_a_failed_model_write_keeps_the_old_model_or_none(data, runs_dir, monkey
     stop_request = run_dir / "stop.request"
 
     def run(fault=None, stop_after_epochs=None):
-        if fault:
-            monkeypatch.setenv(FAULT_VARIABLE, fault)
+        # A stop must land before the last of 40 quick epochs: slow each epoch down a little.
+        faults = [fault] if fault else []
+        if stop_after_epochs:
+            faults.append("epoch_end:sleep:0.3")
+        if faults:
+            monkeypatch.setenv(FAULT_VARIABLE, ",".join(faults))
         else:
             monkeypatch.delenv(FAULT_VARIABLE, raising=False)
         stop_request.unlink(missing_ok=True)

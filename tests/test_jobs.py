@@ -81,8 +81,11 @@ def test_a_run_whose_supervisor_also_died_is_failed_by_any_reader(data, runs_dir
     assert status["message"].startswith("The worker process ended without finishing")
 
 
-def test_resume_after_stop_and_after_kill_counts_epochs_on(data, runs_dir):
-    run_id = jobs.start(job_config(data, epochs=8), runs_dir)
+def test_resume_after_stop_and_after_kill_counts_epochs_on(data, runs_dir, monkeypatch):
+    # Head epochs on cached features take a fraction of a second: without the sleep, the stop
+    # and the kill below could land after the last epoch (it did once, in CI).
+    monkeypatch.setenv(runfiles.FAULT_VARIABLE, "epoch_end:sleep:0.5")
+    run_id = jobs.start(job_config(data, epochs=10), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 2, what="two epochs")
     jobs.stop(run_id, runs_dir)
@@ -100,11 +103,11 @@ def test_resume_after_stop_and_after_kill_counts_epochs_on(data, runs_dir):
     assert final["state"] == "finished", final
     epochs = [event["epoch"] for event in epoch_events(run_dir)]
     assert epochs == sorted(epochs) and len(epochs) == len(set(epochs)), epochs
-    assert epochs[-1] == 8 and epochs[0] == 1
+    assert epochs[-1] == 10 and epochs[0] == 1
     resumes = [event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "resume"]
     assert len(resumes) == 2
     assert runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["num_images"] > 0
-    assert final["message"].startswith("Finished after 8 epochs")
+    assert final["message"].startswith("Finished after 10 epochs")
 
 
 def _interval(run_dir):
