@@ -14,7 +14,8 @@ after TensorFlow is imported (interpreter start-up excluded from all of them):
 
 Times run from the start of data loading to the saved model. It prints a table: wall time
 of each, their ratio, feature-extraction images/second, peak memory (max RSS of the
-process), final validation accuracy, and the share of the machine's float32 compute the
+process), final validation accuracy (the mean over the repeats, which train with seeds 42, 43,
+…, the same seeds in both pipelines), and the share of the machine's float32 compute the
 feature extraction reaches (FLOPs per image × images/second ÷ a measured matrix-multiply
 rate). MobileNet's weights come from ../shared/keras_home, copied into a temporary KERAS_HOME;
 EfficientNet-Lite0's come with the app.
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "cats_vs_dogs"
 BACKBONES = {"MobileNet": {"alpha": 0.25}, "EfficientNetLite0": {"alpha": None}}
 LEARNING_RATE = 3e-3
+SEED = 42  # repeat r trains with seed SEED + r, in both pipelines
 
 # Each child prints one JSON line prefixed with this marker.
 MARKER = "BENCH_RESULT "
@@ -62,14 +65,14 @@ from engine.backbones import build_base, get_backbone
 from engine.layers import Preprocess
 
 backbone, alpha, epochs, data, work = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-learning_rate = float(sys.argv[6])
+learning_rate, seed = float(sys.argv[6]), int(sys.argv[7])
 started = time.perf_counter()
 train = keras.utils.image_dataset_from_directory(os.path.join(data, "train"), image_size=(224, 224), batch_size=32,
-                                                 label_mode="binary", seed=42)
+                                                 label_mode="binary", seed=seed)
 validation = keras.utils.image_dataset_from_directory(os.path.join(data, "validation"), image_size=(224, 224),
                                                       batch_size=32, label_mode="binary", shuffle=False)
 train, validation = train.prefetch(tf.data.AUTOTUNE), validation.prefetch(tf.data.AUTOTUNE)
-keras.utils.set_random_seed(42)
+keras.utils.set_random_seed(seed)
 base = build_base(backbone, 224, alpha, "imagenet")
 base.trainable = False
 inputs = keras.Input((224, 224, 3))
@@ -94,10 +97,10 @@ from engine.train import run_training
 from engine import runfiles
 
 backbone, alpha, epochs, data, work = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-learning_rate = float(sys.argv[6])
+learning_rate, seed = float(sys.argv[6]), int(sys.argv[7])
 config = RunConfig().replace(**{"data.path": data, "model.backbone": backbone, "model.alpha": alpha,
                                 "model.image_size": 224, "training.epochs": epochs,
-                                "training.learning_rate": learning_rate})
+                                "training.learning_rate": learning_rate, "training.seed": seed})
 started = time.perf_counter()
 started_wall = time.time()
 run_dir = create_run(config, os.path.join(work, "runs"))
@@ -219,17 +222,24 @@ def main() -> int:
             recipes, engines = [], []
             for repeat in range(arguments.repeats):
                 print(f"{backbone}: recipe pipeline ({repeat + 1}/{arguments.repeats})…", file=sys.stderr, flush=True)
-                recipes.append(run_child(RECIPE_CHILD, common + [LEARNING_RATE], environment))
+                # Each repeat trains with its own seed (the same for both), so the accuracy columns
+                # are means over seeds, not one draw of the head's initialisation and shuffle.
+                seed = SEED + repeat
+                recipes.append(run_child(RECIPE_CHILD, common + [LEARNING_RATE, seed], environment))
                 print(f"{backbone}: engine, empty cache ({repeat + 1}/{arguments.repeats})…", file=sys.stderr,
                       flush=True)
                 shutil.rmtree(environment["TRANSFER_STUDIO_CACHE"], ignore_errors=True)
-                engines.append(run_child(ENGINE_CHILD, common + [LEARNING_RATE], environment))
+                engines.append(run_child(ENGINE_CHILD, common + [LEARNING_RATE, seed], environment))
             recipe, engine = median_run(recipes), median_run(engines)
+            recipe["mean_accuracy"] = statistics.mean(run["validation_accuracy"] for run in recipes)
+            engine["mean_accuracy"] = statistics.mean(run["validation_accuracy"] for run in engines)
             if arguments.repeats > 1:
                 print(f"{backbone}: recipe seconds {[round(run['seconds'], 1) for run in recipes]}, engine seconds "
-                      f"{[round(run['seconds'], 1) for run in engines]}", file=sys.stderr, flush=True)
+                      f"{[round(run['seconds'], 1) for run in engines]}; validation accuracy by seed "
+                      f"{SEED}…: recipe {[run['validation_accuracy'] for run in recipes]}, engine "
+                      f"{[run['validation_accuracy'] for run in engines]}", file=sys.stderr, flush=True)
             print(f"{backbone}: engine, only the learning rate changed…", file=sys.stderr, flush=True)
-            rerun = run_child(ENGINE_CHILD, common + [LEARNING_RATE / 3], environment)
+            rerun = run_child(ENGINE_CHILD, common + [LEARNING_RATE / 3, SEED], environment)
             rate = feature_rate(engine["log"])
             share = rate * machine["flops_per_image"][backbone] / machine["matmul_flops_per_second"] if rate else None
             rows.append((backbone, recipe, engine, rerun, rate, share, machine["flops_per_image"][backbone]))
@@ -241,7 +251,7 @@ def main() -> int:
           f"{machine['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s\n")
     print("| backbone | recipe s | engine s (empty cache) | speed-up | rerun, lr only: s / first batch at s (from process start) "
           "| features img/s | GFLOPs/img | share of matmul peak | peak MB recipe / engine "
-          "| val acc recipe / engine / rerun |")
+          "| val acc recipe / engine (mean over seeds) / rerun |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for backbone, recipe, engine, rerun, rate, share, flops in rows:
         print(f"| {backbone} | {recipe['seconds']:.1f} | {engine['seconds']:.1f} | "
@@ -250,7 +260,7 @@ def main() -> int:
               f"({rerun['first_batch_from_process_start']:.1f}) | "
               f"{rate:.0f} | {flops / 1e9:.3f} | {share:.0%} | "
               f"{recipe['peak_mb']:.0f} / {engine['peak_mb']:.0f} | "
-              f"{recipe['validation_accuracy']:.3f} / {engine['validation_accuracy']:.3f} / "
+              f"{recipe['mean_accuracy']:.4f} / {engine['mean_accuracy']:.4f} / "
               f"{rerun['validation_accuracy']:.3f} |")
     print("\nEngine stages, empty cache (seconds, from the worker log):")
     for backbone, recipe, engine, rerun, rate, share, flops in rows:

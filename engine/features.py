@@ -26,7 +26,8 @@ import numpy as np
 
 from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
 
-FEATURE_CACHE_VERSION = 1
+# 2: computed with batch norms folded into the convolutions (engine.folding).
+FEATURE_CACHE_VERSION = 2
 # Images per feature-extraction batch at 224 px. Measured on 2 cores (bench/README): MobileNet
 # α=0.25 ran at 865 images/s with batches of 32, 790 with 128 and 738 with 256;
 # EfficientNet-Lite0 at 159, 159 and 157. On a CPU, larger batches bought nothing here.
@@ -117,19 +118,27 @@ def save_cached_features(key: Optional[str], features: np.ndarray,
         pass  # A read-only or full cache only costs a recomputation next time.
 
 
-def build_feature_extractor(model):
+def build_feature_extractor(model, fold: bool = True):
     """The part of the full model that makes pooled features: raw image → preprocess → base → pool.
 
-    It shares its layers with `model` (nothing is copied), so its features are exactly
-    what the full model's head receives at inference.
+    Args:
+        model: The full model (base + head).
+        fold: Run a copy of the base with its batch norms folded into the convolutions
+            (`engine.folding`): the same function to float rounding, 1.4–1.7× faster on a CPU.
+            With False, the extractor shares the model's own layers (nothing copied).
     """
     import keras
 
     from engine.modeling import BASE_LAYER_NAME, POOL_LAYER_NAME, PREPROCESS_LAYER_NAME
 
+    base = model.get_layer(BASE_LAYER_NAME)
+    if fold:
+        from engine.folding import fold_batch_norms
+
+        base, _ = fold_batch_norms(base)
     image = keras.Input(shape=model.input_shape[1:], name="image")
     features = model.get_layer(PREPROCESS_LAYER_NAME)(image)
-    features = model.get_layer(BASE_LAYER_NAME)(features, training=False)
+    features = base(features, training=False)
     features = model.get_layer(POOL_LAYER_NAME)(features)
     return keras.Model(image, features, name="feature_extractor")
 
@@ -198,24 +207,27 @@ def make_feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: i
     import tensorflow as tf
 
     views = features if features.ndim == 3 else features[None]
-    view_count, count, feature_size = views.shape
-    labels = np.asarray(labels, dtype=np.int32)
-    view_choice = np.random.default_rng(seed)
-
-    def gather(batch_indices):
-        chosen = view_choice.integers(view_count, size=len(batch_indices)) if view_count > 1 else 0
-        return views[chosen, batch_indices], labels[batch_indices]
-
+    view_count, count, _ = views.shape
+    # Everything stays inside TensorFlow (no Python call per batch): measured 2.5× less time
+    # per head epoch than gathering the batches in NumPy.
+    views = tf.constant(views, dtype=tf.float32)
+    labels = tf.constant(np.asarray(labels), dtype=tf.int32)
     indices = tf.data.Dataset.range(count)
     if shuffle:
         indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if view_count > 1:
+        # One view per image each time it is drawn, a fresh draw every epoch.
+        choices = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
+            lambda value: value % view_count)
+    else:
+        choices = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
 
-    def load(batch_indices):
-        batch_features, batch_labels = tf.numpy_function(gather, [batch_indices], (tf.float32, tf.int32))
-        batch_features.set_shape((None, feature_size))
-        batch_labels.set_shape((None,))
+    def load(batch_views, batch_indices):
+        batch_features = tf.gather_nd(views, tf.stack([batch_views, batch_indices], axis=1))
+        batch_labels = tf.gather(labels, batch_indices)
         if binary:
             batch_labels = tf.cast(tf.expand_dims(batch_labels, -1), tf.float32)
         return batch_features, batch_labels
 
-    return indices.batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE)
+    pairs = tf.data.Dataset.zip(choices, indices)
+    return pairs.batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE)

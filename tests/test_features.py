@@ -58,14 +58,15 @@ def test_saved_full_model_agrees_with_the_head_on_cached_features(tiny_three_cla
     from_head = np.array([[float(row[f"prob_{name}"]) for name in classes] for row in rows])
     np.testing.assert_allclose(from_model, from_head, atol=1e-4)
 
-    # And the cached features are exactly what the saved model's own base and pooling make.
+    # And the cached features (from a copy of the base with its batch norms folded) are what the
+    # saved model's own base and pooling make, to float rounding.
     (cached,) = load_feature_arrays()
     split_rows = list(csv.DictReader(open(run_dir / "split.csv")))
     assert cached.shape[0] == len(split_rows)  # no augmentation: every image once, whatever its split
     # The cache holds one row per image in scan order (the image cache's rows).
     used = {row["path"] for row in split_rows}
     scan_order = [path for path in scan_dataset(tiny_three_class_dataset).candidates if path in used]
-    extractor = build_feature_extractor(model)
+    extractor = build_feature_extractor(model, fold=False)
     recomputed = np.asarray(extractor.predict(
         np.stack([load_rgb(path, image_size) for path in scan_order]).astype(np.float32), verbose=0))
     np.testing.assert_allclose(recomputed, cached, atol=1e-4)
@@ -207,3 +208,26 @@ def test_fine_tuning_after_cached_features_trains_the_full_model(tiny_dataset, t
     assert epochs == [(1, 1), (1, 2), (2, 3), (2, 4)]
     state = runfiles.read_json(run_dir / "checkpoint.json")
     assert state["phase"] == 2 and state["model"] == "full"
+
+
+def test_feature_dataset_draws_each_image_once_an_epoch_with_a_fresh_view_each_time():
+    from engine.features import make_feature_dataset
+
+    view_count, count = 3, 50
+    # Feature (view, image): the view number and the image number, so each batch can be checked.
+    features = np.stack([np.stack([np.full(count, view), np.arange(count)], axis=1) for view in range(view_count)])
+    labels = np.arange(count) % 2
+    dataset = make_feature_dataset(features.astype(np.float32), labels, batch_size=8, shuffle=True, seed=3)
+
+    epochs = []
+    for _ in range(4):
+        drawn = [(int(view), int(image), int(label)) for batch_features, batch_labels in dataset
+                 for (view, image), label in zip(batch_features.numpy(), batch_labels.numpy())]
+        assert sorted(image for _, image, _ in drawn) == list(range(count))  # every image once an epoch
+        assert all(label == image % 2 for _, image, label in drawn)  # labels travel with their images
+        epochs.append(drawn)
+    assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled and redrawn each epoch
+    assert {view for epoch in epochs for view, _, _ in epoch} == set(range(view_count))
+    again = make_feature_dataset(features.astype(np.float32), labels, batch_size=8, shuffle=True, seed=3)
+    first = [(int(view), int(image)) for batch_features, _ in again for view, image in batch_features.numpy()]
+    assert first == [(view, image) for view, image, _ in epochs[0]]  # the seed decides it all
