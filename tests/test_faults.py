@@ -38,6 +38,13 @@ HEAD = "phase 1: training the new head"
 wait_until = functools.partial(shared_wait_until, timeout=90.0, interval=0.05)
 
 
+@pytest.fixture(autouse=True)
+def slower_epochs(monkeypatch):
+    """Every epoch sleeps a little (a test-only fault): a kill, a stop or a check meant to land
+    mid-run must not race a few hundred head epochs that take milliseconds each."""
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")
+
+
 @pytest.fixture
 def data(tmp_path):
     # 60 images: the decoding threads pause at the 30th, half-way through the cache.
@@ -158,8 +165,7 @@ def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir
     assert not list((cache_dir / "images").glob(".*.npy.tmp"))
 
 
-def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir, monkeypatch):
-    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")  # the kill must land before epoch 100
+def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir):
     run_id = jobs.start(config_for(data, epochs=100), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 3, what="three head epochs")
@@ -288,7 +294,8 @@ def repaired_status(run_dir, run_id):
     return status if isinstance(status, dict) and status.get("run_id") == run_id else None
 
 
-def test_status_and_metrics_corrupted_by_hand_read_as_unknown_or_repaired(data, runs_dir):
+def test_status_and_metrics_corrupted_by_hand_read_as_unknown_or_repaired(data, runs_dir, monkeypatch):
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.1")  # still in phase 1 after six repairs (≤ 1 s each)
     run_id = jobs.start(config_for(data, epochs=150), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 2, what="two epochs")

@@ -27,6 +27,13 @@ def runs_dir(tmp_path):
     return tmp_path / "runs"
 
 
+@pytest.fixture(autouse=True)
+def slower_epochs(monkeypatch):
+    """Every epoch sleeps a little (a test-only fault): a stop or a kill meant to land mid-run
+    must not race 200 head epochs that take milliseconds each on cached features."""
+    monkeypatch.setenv(runfiles.FAULT_VARIABLE, "epoch_end:sleep:0.05")
+
+
 
 
 def wait_for_training(runs_dir, run_id, batches=3):
