@@ -8,11 +8,11 @@ listing backbones and checking which ImageNet weights are on disk
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from engine import efficientnet_lite, locations
 
 # How each backbone's own `keras.applications.<family>.preprocess_input` maps raw
 # 0–255 RGB to what its ImageNet weights expect. "none" means the Keras model
@@ -71,20 +71,16 @@ def _fixed(file_name):
 
 
 def _build_efficientnet_lite0(image_size, weights):
-    from engine.efficientnet_lite import build_efficientnet_lite0, load_imagenet_weights
-
-    model = build_efficientnet_lite0((image_size, image_size, 3))
+    model = efficientnet_lite.build_efficientnet_lite0((image_size, image_size, 3))
     if weights == "imagenet":
-        load_imagenet_weights(model)
+        efficientnet_lite.load_imagenet_weights(model)
     elif weights != "none":
         model.load_weights(weights)
     return model
 
 
 def _efficientnet_lite0_offline() -> bool:
-    from engine.efficientnet_lite import CONVERTED_FILE, torch_weights_path
-
-    return torch_weights_path() is not None or (keras_home() / "models" / CONVERTED_FILE).is_file()
+    return efficientnet_lite.torch_weights_path() is not None or efficientnet_lite.converted_weights_path().is_file()
 
 
 _SPECS = [
@@ -149,27 +145,12 @@ def get_backbone(name: str) -> BackboneSpec:
         ) from None
 
 
-def keras_home() -> Path:
-    """The folder Keras caches downloads in: `$KERAS_HOME`, else `~/.keras` (as Keras decides).
-
-    Keras reads KERAS_HOME once, when it is first imported; once it is imported we ask
-    it, so we never look in a different folder from the one its loader uses.
-    """
-    if "keras" in sys.modules:
-        from keras.src.backend.config import keras_home as keras_own_home
-
-        return Path(keras_own_home())
-    if os.environ.get("KERAS_HOME"):
-        return Path(os.environ["KERAS_HOME"])
-    return Path(os.path.expanduser("~")) / ".keras"
-
-
 def imagenet_weights_path(name: str, alpha: Optional[float] = None, image_size: Optional[int] = None) -> Path:
     """Where Keras's loader looks for the ImageNet weights of this backbone."""
     spec = get_backbone(name)
     alpha = alpha if alpha is not None else spec.default_alpha
     image_size = image_size or spec.default_image_size
-    return keras_home() / "models" / spec.weights_file(alpha, image_size)
+    return locations.keras_models_dir() / spec.weights_file(alpha, image_size)
 
 
 def weights_status(alpha_by_backbone: Optional[dict] = None) -> list[dict]:
@@ -211,9 +192,7 @@ def weights_identity(name: str, alpha: Optional[float], image_size: int, weights
         return "none"
     if weights == "imagenet":
         if spec.offline_weights is not None:
-            from engine.efficientnet_lite import torch_weights_path
-
-            path = torch_weights_path()
+            path = efficientnet_lite.torch_weights_path()
         else:
             path = imagenet_weights_path(name, alpha, image_size)
     else:
@@ -235,17 +214,6 @@ class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither cached nor downloadable."""
 
 
-def _download_reachable(host: str = "storage.googleapis.com", timeout_seconds: float = 3.0) -> bool:
-    """A quick, bounded check that Keras's download host answers, so we never hang on a closed network."""
-    if os.environ.get("TRANSFER_STUDIO_OFFLINE") == "1":
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout_seconds):
-            return True
-    except OSError:
-        return False
-
-
 def check_imagenet_weights(name: str, alpha: Optional[float], image_size: int) -> None:
     """Fails fast, with a message saying what to do, when ImageNet weights cannot be had.
 
@@ -262,7 +230,7 @@ def check_imagenet_weights(name: str, alpha: Optional[float], image_size: int) -
     path = imagenet_weights_path(name, alpha, image_size)
     if path.is_file() and path.stat().st_size > 0:
         return
-    if _download_reachable():
+    if locations.download_reachable():
         return
     raise WeightsUnavailableError(
         f"ImageNet weights for {name} are not on this machine and cannot be downloaded. "

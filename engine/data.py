@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from engine import locations
 from engine.images import IMAGE_EXTENSIONS, check_image, has_image_extension, is_hidden
 from engine.runfiles import atomic_write_json, read_json
 
@@ -224,13 +225,6 @@ def dataset_fingerprint(root: str | os.PathLike) -> str:
     return fingerprint_files([path for path, _, _ in candidates])
 
 
-def default_cache_dir() -> Path:
-    """Where scans, decoded images and features are cached: `$TRANSFER_STUDIO_CACHE` or ~/.cache."""
-    if os.environ.get("TRANSFER_STUDIO_CACHE"):
-        return Path(os.environ["TRANSFER_STUDIO_CACHE"])
-    return Path(os.path.expanduser("~")) / ".cache" / "transfer-studio"
-
-
 def scan_dataset(
     root: str | os.PathLike,
     cache_dir: Optional[str | os.PathLike] = None,
@@ -245,7 +239,7 @@ def scan_dataset(
 
     Args:
         root: The dataset folder.
-        cache_dir: Where to cache scan results; defaults to `default_cache_dir()`.
+        cache_dir: The cache root to use; defaults to `engine.locations.cache_root()`.
         progress: Called with (files checked, files total) while checking.
         workers: Threads used to decode (Pillow releases the GIL while decoding).
         check_files: Called instead of the plain check, on a cache miss, with the candidate
@@ -263,7 +257,7 @@ def scan_dataset(
     root_path = root_path.resolve()
     layout, candidates, ignored, warnings = list_candidate_files(root_path)
     fingerprint = fingerprint_files([path for path, _, _ in candidates])
-    cache_file = Path(cache_dir or default_cache_dir()) / "scans" / f"{fingerprint}.json"
+    cache_file = locations.cache_folder("scans", cache_dir) / f"{fingerprint}.json"
     cached = read_json(cache_file)
     if cached and cached.get("version") == SCAN_CACHE_VERSION and cached.get("root") == str(root_path):
         checks = cached["checks"]

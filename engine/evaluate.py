@@ -14,6 +14,9 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from engine import runfiles
+# predict_probabilities lives in engine.predict (running a model is prediction); it is
+# imported here by name too because engine.train imports it from this module.
+from engine.predict import load_run_model, predict_probabilities
 
 
 def classification_metrics(true_indices, predicted_indices, class_names: list[str],
@@ -56,22 +59,6 @@ def classification_metrics(true_indices, predicted_indices, class_names: list[st
     return result
 
 
-def predict_probabilities(model, images: np.ndarray, num_classes: int, batch_size: int = 64,
-                          rows: Optional[list[int]] = None) -> np.ndarray:
-    """Runs the model over a (N, size, size, 3) uint8 array (or only its `rows`); returns (N, classes) probabilities."""
-    from engine.modeling import probabilities_per_class
-
-    from engine.pipeline import make_dataset
-
-    count = len(images) if rows is None else len(rows)
-    if count == 0:
-        return np.zeros((0, num_classes))
-    # model.predict runs a compiled graph over a prefetched pipeline: several times faster
-    # than calling the model eagerly batch by batch.
-    dataset = make_dataset(images, np.zeros(count, dtype=np.int32), batch_size, rows=rows).map(lambda x, y: x)
-    return probabilities_per_class(model.predict(dataset, verbose=0), num_classes)
-
-
 def write_evaluation(run_dir: str | os.PathLike, class_names: list[str], split_results: dict) -> dict:
     """Writes `evaluation.json` and `predictions.csv` for the evaluated splits.
 
@@ -108,7 +95,6 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, bat
     """
     from engine.data import scan_dataset
     from engine.pipeline import build_image_cache
-    from engine.predict import load_run_model
 
     model, class_names, image_size = load_run_model(run_dir)
     scan = scan_dataset(data_dir)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from engine import locations
 from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
 
 # 2: computed with batch norms folded into the convolutions (engine.folding).
@@ -79,17 +79,11 @@ def feature_cache_key(image_key: Optional[str], config, positions: list[int], vi
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
-def _cache_folder(cache_dir: Optional[str | os.PathLike]) -> Path:
-    from engine.data import default_cache_dir
-
-    return Path(cache_dir or default_cache_dir()) / "features"
-
-
 def load_cached_features(key: Optional[str], cache_dir: Optional[str | os.PathLike] = None) -> Optional[np.ndarray]:
     """The cached feature array under `key`, or None when there is none (or it is unreadable)."""
     if key is None:
         return None
-    folder = _cache_folder(cache_dir)
+    folder = locations.cache_folder("features", cache_dir)
     meta = read_json(folder / f"{key}.json")
     if not meta:
         return None
@@ -105,7 +99,7 @@ def save_cached_features(key: Optional[str], features: np.ndarray,
     """Stores features under `key`; the array appears under its final name only once complete."""
     if key is None:
         return
-    folder = _cache_folder(cache_dir)
+    folder = locations.cache_folder("features", cache_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temporaries(folder, f".{key}.")

@@ -14,27 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from engine.samples import default_data_dir
-
-
-def data_roots(extra: Optional[list] = None) -> list[Path]:
-    """The folders a dashboard user may train from: the app's data folder, `$TRANSFER_STUDIO_DATA_ROOTS`
-    (separated by the OS path separator) and any `extra` roots (e.g. from Streamlit secrets).
-
-    Roots that do not exist are left out; each is fully resolved.
-    """
-    candidates = [default_data_dir()]
-    candidates += [Path(part) for part in os.environ.get("TRANSFER_STUDIO_DATA_ROOTS", "").split(os.pathsep) if part]
-    candidates += [Path(part) for part in (extra or [])]
-    roots = []
-    for candidate in candidates:
-        try:
-            resolved = candidate.expanduser().resolve()
-        except OSError:
-            continue
-        if resolved.is_dir() and resolved not in roots:
-            roots.append(resolved)
-    return roots
+from engine import locations
+# The data roots are a location, so engine.locations chooses them; the name stays
+# importable from here because pages/data.py and pages/train.py import it from this module.
+from engine.locations import data_roots  # noqa: F401 - re-exported
 
 
 def resolve_in_roots(path: str | os.PathLike, roots: list[Path]) -> Path:
@@ -138,7 +121,7 @@ def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str
     Raises:
         ValueError: the archive is not a zip or breaks a rule; the message names the member.
     """
-    target_parent = Path(uploads_dir or (default_data_dir() / "uploads"))
+    target_parent = Path(uploads_dir or locations.uploads_dir())
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()

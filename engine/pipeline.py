@@ -14,11 +14,11 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from engine import locations
 from engine.data import DatasetScan, check_all, fingerprint_files, scan_dataset
 from engine.images import inspect_image, load_rgb
 from engine.runfiles import (atomic_write_json, fault_point, process_tag, read_json,
@@ -71,10 +71,8 @@ def build_image_cache(
         check: Also check every file as the scan does, in the same decode, and return the
             checks in `ImageCache.checks` (None when the images came from the disk cache).
     """
-    from engine.data import default_cache_dir
-
     if cache == "disk":
-        folder = Path(cache_dir or default_cache_dir()) / "images"
+        folder = locations.cache_folder("images", cache_dir)
         key = image_cache_key(paths, image_size)
         array_path = folder / f"{key}.npy"
         meta_path = folder / f"{key}.json"

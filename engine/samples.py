@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from engine import locations
+
 SAMPLES = {
     "digits": "Handwritten digits 0–9 (1797 small grey images, 10 classes), bundled with scikit-learn.",
     "cats_vs_dogs": "Cats and dogs photos (3000 JPEGs, the TensorFlow tutorial's subset), downloaded once (68 MB).",
@@ -28,20 +30,19 @@ class SampleUnavailableError(ValueError):
     """A downloadable sample cannot be downloaded here; the message says what to use instead."""
 
 
-def default_data_dir() -> Path:
-    """The app's own data folder: `$TRANSFER_STUDIO_DATA`, else `./data`."""
-    return Path(os.environ.get("TRANSFER_STUDIO_DATA") or "data")
-
-
 def ensure_sample(name: str, data_dir: Optional[str | os.PathLike] = None) -> Path:
     """Writes the sample's class folders if they are not there yet; returns the dataset folder.
+
+    Args:
+        name: One of SAMPLES.
+        data_dir: The data folder to write under; defaults to `engine.locations.data_dir()`.
 
     Raises:
         ValueError: unknown sample name.
     """
     if name not in SAMPLES:
         raise ValueError(f"Unknown sample {name!r}; choose one of: {', '.join(SAMPLES)}.")
-    target = Path(data_dir or default_data_dir()) / "samples" / name
+    target = locations.samples_dir(data_dir) / name
     if (target / ".complete").is_file():
         # A downloaded sample's marker holds the folder the archive unpacked to; a written
         # sample's marker holds its version, so a sample written the old way is rewritten.
@@ -87,9 +88,7 @@ def _write_digits(folder: Path) -> None:
 
 def _download_cats_vs_dogs(target: Path) -> Path:
     """Downloads and unpacks the tutorial's zip with Keras's own `get_file` (cached, with progress)."""
-    from engine.backbones import _download_reachable
-
-    if not _download_reachable("storage.googleapis.com"):
+    if not locations.download_reachable("storage.googleapis.com"):
         raise SampleUnavailableError(
             "The cats_vs_dogs sample is downloaded from storage.googleapis.com, which this machine cannot "
             "reach; use the digits sample or a folder of your own images instead.")

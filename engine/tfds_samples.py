@@ -35,7 +35,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from engine.samples import SampleUnavailableError, default_data_dir
+from engine import locations
+from engine.samples import SampleUnavailableError
 
 # A few datasets that suit transfer learning on a CPU; any other TFDS image-classification
 # name is accepted too.
@@ -83,7 +84,7 @@ def ensure_tfds_dataset(name: str, data_dir: Optional[str | os.PathLike] = None,
     Args:
         name: A TFDS name such as `beans` or `tf_flowers` (any image-classification
             dataset of the catalogue; a config and version may follow: `name/config:1.0.0`).
-        data_dir: The app's data folder; defaults to `engine.samples.default_data_dir()`.
+        data_dir: The app's data folder; defaults to `engine.locations.data_dir()`.
         progress: Called with (images written, images expected) while writing.
 
     Raises:
@@ -97,15 +98,15 @@ def ensure_tfds_dataset(name: str, data_dir: Optional[str | os.PathLike] = None,
         raise ValueError(
             f"{name!r} is not a TensorFlow Datasets name; give one such as "
             f"{', '.join(TFDS_SUGGESTIONS)} (lower case, optionally `/config` and `:version`).")
-    root = Path(data_dir or default_data_dir()) / "tfds"
+    root = locations.tfds_dir(data_dir)
     target = root / tfds_folder_name(name)
     if (target / MARKER).is_file():
         return target
     # TFDS prints its "Downloading and preparing…" lines on stdout; keep stdout for results
     # (the CLI's first line is the run folder).
     with contextlib.redirect_stdout(sys.stderr):
-        tfds_data_dir = os.environ.get("TFDS_DATA_DIR") or str(root / ".tfds_data")
-        builder = _builder(name, tfds_data_dir)
+        tfds_data_dir = locations.tfds_data_dir(data_dir)
+        builder = _builder(name, str(tfds_data_dir))
         image_key, label_key = image_and_label_keys(name, builder.info.features, builder.info.supervised_keys)
         _download_and_prepare(name, builder)
         plan = _split_plan(name, list(builder.info.splits))
@@ -123,9 +124,9 @@ def ensure_tfds_dataset(name: str, data_dir: Optional[str | os.PathLike] = None,
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    if not os.environ.get("TFDS_DATA_DIR"):
+    if locations.owns_tfds_data_dir():
         # Our own TFDS cache: the downloaded archives are not needed once the dataset is prepared.
-        shutil.rmtree(Path(tfds_data_dir) / "downloads", ignore_errors=True)
+        shutil.rmtree(tfds_data_dir / "downloads", ignore_errors=True)
     return target
 
 
@@ -231,10 +232,8 @@ def _download_and_prepare(name: str, builder) -> None:
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         raise _unavailable(name, "has to be downloaded by hand (see its TFDS catalogue page), so it cannot be "
                                  "prepared here")
-    from engine.backbones import _download_reachable
-
     for host in _download_hosts(builder):
-        if not _download_reachable(host):
+        if not locations.download_reachable(host):
             raise _unavailable(name, f"is downloaded from {host}, which this machine cannot reach")
     import requests
     import tensorflow_datasets as tfds

@@ -60,11 +60,10 @@ def test_network_shape_and_weight_transfer():
 
 
 def test_converted_weights_are_cached_and_reused(monkeypatch):
-    from engine import efficientnet_lite
-    from engine.backbones import keras_home
+    from engine import efficientnet_lite, locations
 
     load_imagenet_weights(build_efficientnet_lite0())
-    assert (keras_home() / "models" / efficientnet_lite.CONVERTED_FILE).is_file()
+    assert (locations.keras_models_dir() / efficientnet_lite.CONVERTED_FILE).is_file()
     monkeypatch.setattr(efficientnet_lite, "torch_weights_path", lambda: pytest.fail("converted again"))
     load_imagenet_weights(build_efficientnet_lite0())
 

@@ -185,7 +185,7 @@ def test_cats_vs_dogs_sample_unpacks_the_tutorial_archive(tmp_path, monkeypatch)
     """The download itself is Keras's get_file; here it is handed a locally built archive of the same layout."""
     import keras
 
-    import engine.backbones
+    import engine.locations
     from engine.samples import CATS_VS_DOGS_URL
 
     source = make_dataset(tmp_path / "source", per_class=3, split=True)
@@ -202,7 +202,7 @@ def test_cats_vs_dogs_sample_unpacks_the_tutorial_archive(tmp_path, monkeypatch)
         zipfile.ZipFile(archive).extractall(folder)
         return os.path.join(folder, fname)
 
-    monkeypatch.setattr(engine.backbones, "_download_reachable", lambda host: True)
+    monkeypatch.setattr(engine.locations, "download_reachable", lambda host: True)
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
     folder = ensure_sample("cats_vs_dogs", tmp_path / "data")
     assert asked["origin"] == CATS_VS_DOGS_URL

@@ -118,10 +118,10 @@ def test_tf_flowers_has_only_train_so_it_becomes_flat(tmp_path):
 
 
 def test_a_dataset_not_yet_prepared_is_downloaded_then_written(tmp_path, monkeypatch):
-    import engine.backbones
+    import engine.locations
 
     asked = []
-    monkeypatch.setattr(engine.backbones, "_download_reachable", lambda host: asked.append(host) or True)
+    monkeypatch.setattr(engine.locations, "download_reachable", lambda host: asked.append(host) or True)
     with mocked_tfds(tmp_path / "meta", "tf_flowers", ("train",), num_examples=6):
         prepare = tfds.core.DatasetBuilder.download_and_prepare  # the mock's no-op
         with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: False), \
@@ -201,9 +201,9 @@ def test_a_download_that_fails_after_tfds_retries_is_unavailable(tmp_path, monke
     """When the host answers the probe but the download breaks, TFDS 4.9.10 raises requests' ConnectionError."""
     import requests
 
-    import engine.backbones
+    import engine.locations
 
-    monkeypatch.setattr(engine.backbones, "_download_reachable", lambda host: True)
+    monkeypatch.setattr(engine.locations, "download_reachable", lambda host: True)
     failure = requests.exceptions.ConnectionError("Max retries exceeded with url: /ibeans/train.zip")
     with mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare", side_effect=failure):
         with pytest.raises(SampleUnavailableError, match=r"'beans' \(TensorFlow Datasets\) could not be downloaded "
