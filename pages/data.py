@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from engine.config import ConfigError, RunConfig, get_setting
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.doctor import check_dataset, finding_pairs
 from engine.images import printable
@@ -16,6 +17,9 @@ from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
+# The split sliders write the Train form's own keys (`field.<dotted name>`), so the split
+# chosen here is the split the Train page starts from.
+SPLIT_SETTINGS = ("data.validation_fraction", "data.test_fraction")
 # Pairs shown as thumbnails side by side in the data doctor; the tables list them all.
 PAIRS_SHOWN = 3
 
@@ -100,11 +104,8 @@ def show_balance(report: dict) -> None:
     counts = pd.DataFrame({"class": list(report["class_counts"]), "images": list(report["class_counts"].values())})
     figure = px.bar(counts, x="class", y="images", text="images", title="Images per class")
     figure.update_layout(height=320, margin=dict(t=40, b=10))
+    # No advice here: the scan's own imbalance warning (engine.data) is shown with the other warnings.
     st.plotly_chart(figure, key="balance")
-    ratio = report.get("imbalance_ratio")
-    if ratio and ratio >= 1.5:
-        st.warning(f"Classes are imbalanced ({ratio:.1f}× between the largest and smallest). "
-                   "On the Train page, set class weights to 'balanced' so small classes count as much.")
 
 
 def show_split(scan, report: dict) -> tuple:
@@ -115,17 +116,30 @@ def show_split(scan, report: dict) -> tuple:
         fractions = (0.1, 0.1)
     else:
         left, right = st.columns(2)
-        validation = left.slider("Validation share", 0.05, 0.5, 0.1, 0.05, key="split_validation",
-                                 help="Images held out to measure accuracy after every epoch.")
-        test = right.slider("Test share", 0.0, 0.5, 0.1, 0.05, key="split_test",
-                            help="Images kept aside until the end, for a final honest score.")
-        fractions = (validation, test)
+        fractions = (split_slider(left, SPLIT_SETTINGS[0]), split_slider(right, SPLIT_SETTINGS[1]))
+        try:
+            RunConfig().replace(**dict(zip(SPLIT_SETTINGS, fractions)))
+        except ConfigError as error:
+            st.error(str(error))
+            return fractions
     try:
         counts = split_counts(make_split(scan, *fractions))
         st.dataframe(pd.DataFrame(counts).fillna(0).astype(int), key="split_table")
     except DataError as error:
         st.error(str(error))
     return fractions
+
+
+def split_slider(column, name: str) -> float:
+    """A slider for one split share, with the range, label and help the config declares."""
+    declared = get_setting(name)
+    key = f"field.{name}"
+    # Saved again as a plain value so it outlives pages without this widget (see pages/train.py),
+    # and given its default here rather than as `value=`, which Streamlit refuses beside a key's value.
+    st.session_state[key] = st.session_state.get(key, declared.default)
+    # From 0 even when 0 itself is refused: the config's sentence then says why (as on the Train page).
+    return column.slider(declared.label, min(declared.low, 0.0), declared.high, step=0.05, key=key,
+                         help=declared.help)
 
 
 def show_grid(files: pd.DataFrame, classes: list) -> None:

@@ -1,19 +1,20 @@
 """Train: every engine setting in one form, with presets; Start launches through the job queue."""
 
-import re
 from pathlib import Path
 
 import streamlit as st
 
 from engine import jobs
 from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
-from engine.config import (CACHE_MODES, CLASS_WEIGHT_MODES, FLIP_MODES, MONITORS, OPTIMIZERS, RunConfig, set_dotted,
-                           with_offline_backbone)
+from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_dotted, settings, with_offline_backbone
 from engine.ingest import data_roots, resolve_in_roots
 from ui import runs_root, secret_data_roots
 
 PRESETS_FOLDER = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_SIZE = 0  # shown as "backbone default"
+SETTINGS = {declared.name: declared for declared in settings()}
+# The Data page's split sliders write these same keys, so the split chosen there is the one trained on.
+SPLIT_KEYS = ("field.data.validation_fraction", "field.data.test_fraction")
 
 
 def presets() -> dict:
@@ -35,7 +36,7 @@ def load_into_form(config: RunConfig) -> None:
     walk("", config.to_dict())
     flat["model.image_size"] = flat["model.image_size"] or DEFAULT_SIZE
     flat["model.alpha"] = "default" if flat["model.alpha"] is None else flat["model.alpha"]
-    if flat["model.weights"] not in ("imagenet", "none"):
+    if flat["model.weights"] not in WEIGHTS_SOURCES:
         flat["weights_path"], flat["model.weights"] = flat["model.weights"], "file"
     for name, value in flat.items():
         st.session_state[f"field.{name}"] = value
@@ -48,11 +49,35 @@ def field_error(name: str) -> None:
         st.error(message)
 
 
-def widget(kind, name, label, help_text, **options):
-    """A form widget bound to the config field `name`, with its error beneath it."""
-    value = kind(label, key=f"field.{name}", help=help_text, **options)
+def widget(kind, name: str, note: str = "", **options):
+    """A form widget bound to the config setting `name`, with its error beneath it.
+
+    Label, help, range and choices come from the setting's declaration in `engine.config`;
+    `note` adds what only this form does (e.g. 0 standing for the backbone's size).
+    """
+    declared = SETTINGS[name]
+    help_text = " ".join(part for part in (declared.help, note) if part)
+    if kind is st.number_input:
+        options = {**number_bounds(declared), **options}
+        if declared.range_text():
+            help_text += f" Allowed: {declared.range_text()}."
+    elif kind in (st.selectbox, st.radio) and "options" not in options:
+        options["options"] = list(declared.choices)
+    value = kind(declared.label, key=f"field.{name}", help=help_text, **options)
     field_error(name)
     return value
+
+
+def number_bounds(declared: Setting) -> dict:
+    """A number input's min_value and max_value, from the declared range.
+
+    The lower end is 0 when the declared minimum is above it: Streamlit silently replaces a
+    number below min_value with the widget's default, so a 0 typed for epochs (0 means "off"
+    for several other settings) would turn into a run of the default length without a word.
+    From 0 up, the config's own sentence appears under the field instead.
+    """
+    low = None if declared.low is None else min(declared.low, declared.type(0))
+    return {"min_value": low, "max_value": declared.high}
 
 
 def collect() -> dict:
@@ -74,10 +99,8 @@ def validate(data: dict):
     """Builds the config or returns {field: message} naming what is wrong."""
     try:
         config = RunConfig.from_dict(data)
-    except ValueError as error:
-        match = re.search(r"`([a-z_.]+)`", str(error))
-        field = match.group(1).split(" ")[0] if match else "general"
-        return None, {field: str(error)}
+    except ConfigError as error:
+        return None, {error.field or "general": str(error)}
     try:
         resolve_in_roots(config.data.path, data_roots(secret_data_roots()))
     except ValueError as error:
@@ -100,110 +123,91 @@ def draw_form() -> bool:
     offline = {row["name"]: row["available"] or bool(row["available_alphas"]) for row in weights_status()}
     with st.form("train_form"):
         st.subheader("Data")
-        widget(st.text_input, "data.path", "Dataset folder", "A folder of class subfolders; choose it on the Data page.")
+        widget(st.text_input, "data.path", "Choose it on the Data page.")
         left, middle, right = st.columns(3)
         with left:
-            widget(st.number_input, "data.validation_fraction", "Validation share", "Held out to score every epoch.",
-                   min_value=0.0, max_value=0.9, step=0.05)
+            widget(st.number_input, "data.validation_fraction", step=0.05)
         with middle:
-            widget(st.number_input, "data.test_fraction", "Test share", "Kept aside for a final score.",
-                   min_value=0.0, max_value=0.9, step=0.05)
+            widget(st.number_input, "data.test_fraction", step=0.05)
         with right:
-            widget(st.number_input, "data.subset_fraction", "Use this share of the data",
-                   "1 uses everything; 0.05 trains on a 20× smaller subset (quick experiments).",
-                   min_value=0.0, max_value=1.0, step=0.05)
+            widget(st.number_input, "data.subset_fraction", step=0.05)
 
         st.subheader("Backbone (the pretrained network)")
         left, middle, right = st.columns([3, 1, 1])
         with left:
-            widget(st.selectbox, "model.backbone", "Backbone", "The network already trained on ImageNet photos.",
-                   options=list(BACKBONES), format_func=lambda name: backbone_label(name, offline))
+            widget(st.selectbox, "model.backbone", format_func=lambda name: backbone_label(name, offline))
         with middle:
-            widget(st.selectbox, "model.alpha", "Width (alpha)", "MobileNets only: smaller is faster, less accurate.",
-                   options=["default", 0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4])
+            # "default" stands for null: the backbone's own width.
+            widget(st.selectbox, "model.alpha", "'default' uses the backbone's own width.",
+                   options=["default", *SETTINGS["model.alpha"].choices])
         with right:
-            widget(st.number_input, "model.image_size", "Image size (px)", "0 uses the backbone's own size.",
-                   min_value=0, max_value=1024, step=16)
-        widget(st.radio, "model.weights", "Starting weights",
-               "'imagenet' reuses what the network learned; 'none' starts from random numbers.",
-               options=["imagenet", "none", "file"], horizontal=True)
+            widget(st.number_input, "model.image_size", "0 uses the backbone's own size.", step=16)
+        widget(st.radio, "model.weights", options=[*WEIGHTS_SOURCES, "file"], horizontal=True)
         st.text_input("Weights file (when 'file')", key="field.weights_path")
 
         st.subheader("Head (the new part that learns your classes)")
         left, right = st.columns(2)
         with left:
-            widget(st.number_input, "model.dropout", "Dropout", "Randomly ignores features while training, against overfitting.",
-                   min_value=0.0, max_value=0.95, step=0.05)
+            widget(st.number_input, "model.dropout", step=0.05)
         with right:
-            widget(st.number_input, "model.hidden_units", "Hidden layer size", "0 for none; e.g. 128 adds a small layer.",
-                   min_value=0, max_value=8192, step=16)
+            widget(st.number_input, "model.hidden_units", step=16)
 
         st.subheader("Phase 1: training the head")
         columns = st.columns(5)
         with columns[0]:
-            widget(st.number_input, "training.epochs", "Epochs", "Passes over all training images.", min_value=0, step=1)
+            widget(st.number_input, "training.epochs", step=1)
         with columns[1]:
-            widget(st.number_input, "training.batch_size", "Batch size", "Images per learning step.", min_value=0, step=8)
+            widget(st.number_input, "training.batch_size", step=8)
         with columns[2]:
-            widget(st.selectbox, "training.optimizer", "Optimizer", "How weights are updated.", options=list(OPTIMIZERS))
+            widget(st.selectbox, "training.optimizer")
         with columns[3]:
-            widget(st.number_input, "training.learning_rate", "Learning rate", "Step size; too high diverges.",
-                   min_value=0.0, format="%.6f", step=0.0005)
+            widget(st.number_input, "training.learning_rate", format="%.6f", step=0.0005)
         with columns[4]:
-            widget(st.selectbox, "training.class_weight", "Class weights", "'balanced' helps when classes differ in size.",
-                   options=list(CLASS_WEIGHT_MODES))
-        widget(st.checkbox, "training.cached_features", "Fast: compute the backbone's features once",
-               "The frozen backbone turns each image into the same features every epoch, so they are computed "
-               "once, cached, and the head trains on them: many times faster, and a later run that changes only "
-               "head settings starts at once. Untick to run every image through the backbone every epoch "
-               "(the tutorials' slow path).")
+            widget(st.selectbox, "training.class_weight")
+        widget(st.checkbox, "training.cached_features")
 
         with st.expander("Phase 2: fine-tuning (optional)"):
             columns = st.columns(3)
             with columns[0]:
-                widget(st.number_input, "fine_tuning.layers", "Layers to unfreeze",
-                       "0 skips fine-tuning; otherwise the last N layers of the backbone learn too.", min_value=0, step=10)
+                widget(st.number_input, "fine_tuning.layers", step=10)
             with columns[1]:
-                widget(st.number_input, "fine_tuning.epochs", "Extra epochs", "Epochs of fine-tuning.", min_value=0, step=1)
+                widget(st.number_input, "fine_tuning.epochs", step=1)
             with columns[2]:
-                widget(st.number_input, "fine_tuning.learning_rate", "Learning rate", "Keep it low (1e-5).",
-                       min_value=0.0, format="%.7f", step=0.00001)
+                widget(st.number_input, "fine_tuning.learning_rate", format="%.7f", step=0.00001)
 
         with st.expander("Callbacks"):
             columns = st.columns(3)
             with columns[0]:
-                widget(st.checkbox, "callbacks.early_stopping.enabled", "Early stopping", "Stop when the score stops improving; keep the best weights.")
-                widget(st.selectbox, "callbacks.early_stopping.monitor", "Watch", "Which validation score.", options=list(MONITORS))
-                widget(st.number_input, "callbacks.early_stopping.patience", "Patience (epochs)", "Epochs without improvement before stopping.", min_value=0)
+                widget(st.checkbox, "callbacks.early_stopping.enabled")
+                widget(st.selectbox, "callbacks.early_stopping.monitor")
+                widget(st.number_input, "callbacks.early_stopping.patience")
             with columns[1]:
-                widget(st.checkbox, "callbacks.checkpoint.enabled", "Keep the best model", "Save the best epoch as best.keras.")
-                widget(st.selectbox, "callbacks.checkpoint.monitor", "Judge by", "Which validation score.", options=list(MONITORS))
+                widget(st.checkbox, "callbacks.checkpoint.enabled")
+                widget(st.selectbox, "callbacks.checkpoint.monitor")
             with columns[2]:
-                widget(st.checkbox, "callbacks.reduce_lr.enabled", "Lower the learning rate on plateaus", "Multiply it by the factor when stuck.")
-                widget(st.number_input, "callbacks.reduce_lr.factor", "Factor", "e.g. 0.5 halves it.", min_value=0.0, max_value=1.0, step=0.1)
-                widget(st.number_input, "callbacks.reduce_lr.patience", "Patience (epochs)", "Epochs without improvement first.", min_value=0)
+                widget(st.checkbox, "callbacks.reduce_lr.enabled")
+                widget(st.number_input, "callbacks.reduce_lr.factor", step=0.1)
+                widget(st.number_input, "callbacks.reduce_lr.patience")
 
         with st.expander("Augmentation (random changes to training images)"):
             columns = st.columns(4)
             with columns[0]:
-                widget(st.selectbox, "augmentation.flip", "Flip", "Mirror images at random.", options=list(FLIP_MODES))
+                widget(st.selectbox, "augmentation.flip")
             with columns[1]:
-                widget(st.number_input, "augmentation.rotation", "Rotation", "Fraction of a full turn, e.g. 0.1.", min_value=0.0, max_value=1.0, step=0.05)
+                widget(st.number_input, "augmentation.rotation", step=0.05)
             with columns[2]:
-                widget(st.number_input, "augmentation.zoom", "Zoom", "e.g. 0.1 for ±10%.", min_value=0.0, max_value=0.9, step=0.05)
+                widget(st.number_input, "augmentation.zoom", step=0.05)
             with columns[3]:
-                widget(st.number_input, "augmentation.contrast", "Contrast", "e.g. 0.1 for ±10%.", min_value=0.0, max_value=1.0, step=0.05)
-            widget(st.number_input, "augmentation.views", "Augmented views per image (fast path)",
-                   "With the fast path, this many random versions of each training image are computed once; "
-                   "each epoch shows the head one of them.", min_value=0, max_value=100, step=1)
+                widget(st.number_input, "augmentation.contrast", step=0.05)
+            widget(st.number_input, "augmentation.views", step=1)
             st.caption("With the fast path on, the head trains on a fixed number of augmented views of each image. "
                        "Fully random augmentation in every epoch needs the slow path: untick "
                        "“Fast: compute the backbone's features once” under Phase 1.")
         with st.expander("Advanced"):
-            widget(st.number_input, "training.seed", "Seed", "Same seed, same run.", min_value=0, step=1)
-            widget(st.number_input, "data.split_seed", "Split seed", "Changes which images are held out.", min_value=0, step=1)
-            widget(st.selectbox, "data.cache", "Keep decoded images", "'disk' reuses them across runs.", options=list(CACHE_MODES))
-            widget(st.text_input, "name", "Run name", "Optional; shown in run ids.")
+            widget(st.number_input, "training.seed", step=1)
+            widget(st.number_input, "data.split_seed", step=1)
+            widget(st.selectbox, "data.cache")
+            widget(st.text_input, "name")
         return st.form_submit_button("Start training", type="primary")
 
 
@@ -217,9 +221,20 @@ if "dataset_path" not in st.session_state:
     st.info("Using the built-in **digits** sample; choose your own images on the Data page.")
 preset = st.selectbox("Start from a preset", ["default"] + list(all_presets),
                       help="The three tutorial recipes, with their settings filled in.")
+for key in SPLIT_KEYS:
+    if key in st.session_state:
+        # Streamlit forgets a widget's value when a page without that widget runs, and does not
+        # hand it to another page's widget of the same key; saved again as a plain value, the
+        # split set by the Data page's sliders reaches this form.
+        st.session_state[key] = st.session_state[key]
 if st.session_state.get("loaded_preset") != preset or "field.training.epochs" not in st.session_state:
+    # Refilling the form keeps the split chosen on the Data page; choosing a preset here replaces it.
+    chosen_split = {key: st.session_state[key] for key in SPLIT_KEYS if key in st.session_state}
+    preset_changed = st.session_state.get("loaded_preset", preset) != preset
     chosen = all_presets.get(preset) or with_offline_backbone(RunConfig())
     load_into_form(chosen.replace(**{"data.path": st.session_state.get("dataset_path", "")}))
+    if not preset_changed:
+        st.session_state.update(chosen_split)
     st.session_state["loaded_preset"] = preset
     st.session_state["train_errors"] = {}
 if st.session_state.get("dataset_path") and st.session_state.get("loaded_dataset") != st.session_state["dataset_path"]:
@@ -243,5 +258,10 @@ if draw_form():
     st.session_state["current_run"] = run_id
     st.query_params["run"] = run_id
     st.switch_page("pages/monitor.py")
-if st.session_state.get("train_errors"):
+errors = st.session_state.get("train_errors", {})
+if errors:
     st.error("Some settings need fixing; see the messages under the fields.")
+    for name, message in errors.items():
+        if f"field.{name}" not in st.session_state:
+            st.error(message)  # a setting without a field in this form: said here instead
+
