@@ -8,7 +8,7 @@ PORT ?= 8501
 # ../shared/data is the real data beside this checkout in the project's workplace.
 DATA_ROOTS ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: run test test-all clean-venv
+.PHONY: run test test-fast test-all clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ run: $(VENV)/.runtime-installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q
+
+# The edit-test loop: no real training, no browser, no real data (about two minutes).
+test-fast: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q -m "not slow and not training and not browser and not real_data"
 
 # Everything, including the slow marks (every backbone's build, real-data training).
 test-all: $(VENV)/.dev-installed

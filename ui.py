@@ -7,8 +7,8 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from engine.runs import default_runs_dir, list_runs
-
+from engine.runs import default_runs_dir, list_runs, listing_signature
+from engine.status import RunStatus
 
 
 def secret_data_roots() -> list[str]:
@@ -20,22 +20,22 @@ def secret_data_roots() -> list[str]:
     return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
 
 
-def run_label(run: dict, show_state: bool = True) -> str:
+def run_label(run: RunStatus, show_state: bool = True) -> str:
     """How a run is named in pickers: id, state and best accuracy."""
-    best = run.get("best_val_accuracy")
-    best_text = f" · best {best:.1%}" if isinstance(best, (int, float)) and show_state else ""
-    return f"{run['run_id']} · {run['state']}{best_text}" if show_state else f"{run['run_id']} · {run['backbone']}"
+    best = run.best_val_accuracy
+    best_text = f" · best {best:.1%}" if best is not None and show_state else ""
+    return f"{run.run_id} · {run.state.value}{best_text}" if show_state else f"{run.run_id} · {run.backbone}"
 
 
-def pick_run(runs: list[dict], key: str, label: str = "Run", preferred: str | None = None,
-             show_state: bool = True) -> dict | None:
+def pick_run(runs: list[RunStatus], key: str, label: str = "Run", preferred: str | None = None,
+             show_state: bool = True) -> RunStatus | None:
     """A run selectbox that remembers its choice in the address (`?run=`), so a reload reattaches.
 
     `show_state=False` leaves the state out of the labels, for pages that show it live elsewhere.
     """
     if not runs:
         return None
-    ids = [run["run_id"] for run in runs]
+    ids = [run.run_id for run in runs]
     wanted = st.query_params.get("run") or preferred or st.session_state.get("current_run")
     index = ids.index(wanted) if wanted in ids else 0
     chosen_id = st.selectbox(label, ids, index=index, key=key,
@@ -50,14 +50,21 @@ def runs_root() -> Path:
     return default_runs_dir()
 
 
-def all_runs() -> list[dict]:
-    """Every run, newest first."""
-    return list_runs(runs_root())
+@st.cache_data(max_entries=4, show_spinner=False)
+def _listed_runs(root: str, signature: tuple) -> list[RunStatus]:
+    # `signature` is the cache key: the runs folder's entries and each status.json's change time.
+    return list_runs(root)
 
 
-def runs_having(file_name: str) -> list[dict]:
+def all_runs() -> list[RunStatus]:
+    """Every run, newest first; read again only when a run folder or a status.json changed."""
+    root = runs_root()
+    return _listed_runs(str(root), listing_signature(root))
+
+
+def runs_having(file_name: str) -> list[RunStatus]:
     """The runs whose folder holds `file_name` (e.g. evaluation.json, model.keras), newest first."""
-    return [run for run in all_runs() if (Path(run["path"]) / file_name).is_file()]
+    return [run for run in all_runs() if (Path(run.path) / file_name).is_file()]
 
 
 @st.cache_data(max_entries=2000)

@@ -49,7 +49,7 @@ def one_first_run(work: Path) -> dict:
     first_point = next((event["time"] - started_wall for event in events if event["type"] in ("batch", "epoch")), None)
     evaluation = runfiles.read_json(runs_dir / run_id / "evaluation.json") or {}
     return {"backbone": config.model.backbone, "size": config.model.resolved_image_size,
-            "epochs": config.training.epochs, "state": final["state"], "sample": sample_seconds,
+            "epochs": config.training.epochs, "state": final.state.value, "sample": sample_seconds,
             "first_point": first_point, "seconds": seconds,
             "accuracy": evaluation.get("splits", {}).get("validation", {}).get("accuracy")}
 

@@ -8,7 +8,7 @@ on small data: by default a generated folder of three classes of coloured pictur
 `--data DIR`. Each run trains MobileNet α=0.25 from random weights (no downloads): the head
 on cached features, then `--fine-tune-epochs` epochs of fine-tuning, save, evaluate. While
 they run, one client thread does what the Monitor page does for each run every `--interval`
-seconds: `get_run` (the status, with the liveness check) and `read_jsonl` of
+seconds: `get_run` (the status; the main loop reconciles liveness) and `read_jsonl` of
 `metrics.jsonl`. It records every error, the latency of each read, and every state seen.
 
 It prints a table: runs, queue size, wall time from the first start to the last final
@@ -82,7 +82,7 @@ class Client:
             for run_dir in self.run_dirs:
                 polled = time.perf_counter()
                 try:
-                    state = get_run(run_dir)["state"]
+                    state = get_run(run_dir).state.value
                     runfiles.read_jsonl(run_dir / runfiles.METRICS_FILE)
                     self.seen[run_dir.name].append(state)
                 except Exception:  # noqa: BLE001 - every error is a finding
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from engine import jobs
     from engine.config import RunConfig
-    from engine.runs import FINAL_STATES, read_status
+    from engine.status import FINAL_STATES, State, read_status
 
     try:
         if arguments.data:
@@ -137,16 +137,16 @@ def main(argv=None) -> int:
         while len(finals) < len(run_dirs) and time.time() - started < arguments.timeout:
             for run_dir in run_dirs:
                 if run_dir.name not in finals:
-                    status = jobs.refresh(run_dir)
-                    if status.get("state") in FINAL_STATES:
-                        finals[run_dir.name] = status["state"]
+                    status = jobs.reconcile(run_dir)
+                    if status.state in FINAL_STATES:
+                        finals[run_dir.name] = status.state.value
                         ended[run_dir.name] = time.time()
             time.sleep(0.2)
         wall = max(ended.values(), default=time.time()) - started
         time.sleep(2 * arguments.interval)  # a few polls of the final states too
         client.stop()
         for run_dir in run_dirs:
-            finals.setdefault(run_dir.name, read_status(run_dir).get("state", "unknown"))
+            finals.setdefault(run_dir.name, read_status(run_dir).state.value)
 
         backwards = agree = 0
         for name, seen in client.seen.items():
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     finally:
         # Runs still going after the timeout are killed before their folders are removed.
         for run_dir in (work / "runs").glob("*/"):
-            if read_status(run_dir).get("state") in ("queued", "running"):
+            if read_status(run_dir).state in (State.QUEUED, State.RUNNING):
                 jobs.kill(str(run_dir))
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,17 @@
-"""Keras callbacks that carry progress out of training: metrics events, status, stop requests.
+"""Keras callbacks that carry progress out of training, one job each.
 
-Progress leaves `model.fit` only through these callbacks; nothing polls the model.
+- `StopOnRequest`: reads the stop request after every batch and leaves `fit` through
+  Keras's own lifecycle (`model.stop_training = True`), so `on_train_end` still runs and
+  `EarlyStopping(restore_best_weights=True)` restores the best weights.
+- `MetricsLogger`: appends per-batch and per-epoch events to `metrics.jsonl`.
+- `ProgressReporter`: keeps `status.json`'s progress current (stage, epoch, ETA, speed, best accuracy).
+- `TerminalProgress`: a progress line on the CLI's terminal.
+- `EpochCheckpoint`: saves the model after every complete epoch, for resume.
+- `BestFullModelCheckpoint`: `best.keras` as the full model while only the head trains.
+
+An epoch that a stop request cuts short is not an epoch: Keras still validates it and
+calls `on_epoch_end`, but no epoch event or checkpoint is written for it, and a resumed
+run does it again.
 """
 
 from __future__ import annotations
@@ -13,11 +24,12 @@ from typing import Optional
 import keras
 
 from engine import runfiles
-from engine.runs import StatusWriter
+from engine.status import LaunchStatus, Stage
 
 # Per-batch events are written at most this often, so a fast run does not flood the file
 # while a slow one still reports every batch well within the 2-second promise.
 BATCH_EVENT_INTERVAL_SECONDS = 0.5
+STAGE_OF_PHASE = {1: Stage.TRAINING_HEAD, 2: Stage.FINE_TUNING}
 
 
 def current_learning_rate(model) -> Optional[float]:
@@ -33,38 +45,75 @@ def _clean(value):
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-class StopTrainingNow(Exception):
-    """Raised from a callback to leave `model.fit` right after the current batch."""
+class StopOnRequest(keras.callbacks.Callback):
+    """Leaves `fit` after the current batch once the run's `stop.request` file exists.
 
-
-class RunProgress(keras.callbacks.Callback):
-    """Appends per-batch and per-epoch events to `metrics.jsonl` and keeps `status.json` current.
+    It must be the last callback of the fit: the others see each batch and epoch first.
 
     Args:
         run_dir: The run folder.
-        status: The run's StatusWriter.
+        steps_per_epoch: Batches per epoch, to tell a cut-short epoch from a complete one.
+    """
+
+    def __init__(self, run_dir, steps_per_epoch: int):
+        super().__init__()
+        self.stop_path = Path(run_dir) / runfiles.STOP_REQUEST_FILE
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.requested = False
+        self.cut_short_epoch: Optional[int] = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested or not self.stop_path.exists():
+            return
+        self.requested = True
+        if batch + 1 < self.steps_per_epoch:
+            self.cut_short_epoch = self._epoch
+        # Keras leaves the epoch after this batch, validates, calls on_epoch_end and on_train_end.
+        self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A request that arrived while the epoch was validated or saved ends training here, on a
+        # complete epoch, rather than after one more batch. Coming after every other callback,
+        # this one lets them all (EarlyStopping, checkpoints, metrics) see the epoch first.
+        if not self.requested and self.stop_path.exists():
+            self.requested = True
+            self.model.stop_training = True
+
+    def epoch_is_complete(self, epoch: int) -> bool:
+        """False for the epoch a stop request cut short."""
+        return epoch != self.cut_short_epoch
+
+
+class MetricsLogger(keras.callbacks.Callback):
+    """Appends per-batch (at most every BATCH_EVENT_INTERVAL_SECONDS) and per-epoch events to `metrics.jsonl`.
+
+    Args:
+        run_dir: The run folder.
         phase: 1 (head on the frozen base) or 2 (fine-tuning).
         steps_per_epoch: Batches per epoch.
         batch_size: Images per batch, for images/second.
         total_epochs: Epochs planned over both phases, for the ETA.
         started_at: Time training began, for elapsed seconds.
-        echo: Also print a progress line on this stream (the CLI's terminal), or None.
+        stop: The run's StopOnRequest, to leave out an epoch it cut short.
     """
 
-    def __init__(self, run_dir, status: StatusWriter, phase: int, steps_per_epoch: int, batch_size: int,
-                 total_epochs: int, started_at: float, echo=None):
+    def __init__(self, run_dir, phase: int, steps_per_epoch: int, batch_size: int, total_epochs: int,
+                 started_at: float, stop: StopOnRequest):
         super().__init__()
         self.metrics_path = Path(run_dir) / runfiles.METRICS_FILE
-        self.stop_path = Path(run_dir) / runfiles.STOP_REQUEST_FILE
-        self.status = status
         self.phase = phase
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.batch_size = batch_size
         self.total_epochs = total_epochs
         self.started_at = started_at
-        self.echo = echo
-        self.stop_requested = False
+        self.stop = stop
         self.completed_epochs = 0
+        self.last_batch_event: Optional[dict] = None
+        self.last_epoch_event: Optional[dict] = None
         self._last_event_time = 0.0
         self._epoch = 0
         self._epoch_started = time.time()
@@ -77,19 +126,14 @@ class RunProgress(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
         now = time.time()
-        step = batch + 1
+        # With steps_per_execution, Keras reports the last step of the call, which may pass the epoch's end.
+        step = min(batch + 1, self.steps_per_epoch)
         elapsed_in_epoch = now - self._epoch_started
         self._seconds_per_step = elapsed_in_epoch / step
-        if self.stop_path.exists() and not self.stop_requested:
-            # Cooperative stop: this batch is done; leave fit at once (skipping the rest of the
-            # epoch and its validation pass) so the worker saves and evaluates within seconds.
-            self.stop_requested = True
-            self.model.stop_training = True
-            raise StopTrainingNow()
-        if now - self._last_event_time < BATCH_EVENT_INTERVAL_SECONDS and step != self.steps_per_epoch:
+        if now - self._last_event_time < BATCH_EVENT_INTERVAL_SECONDS and step < self.steps_per_epoch:
             return
         self._last_event_time = now
-        event = {
+        self.last_batch_event = {
             "type": "batch",
             "phase": self.phase,
             "epoch": self._epoch,
@@ -100,26 +144,19 @@ class RunProgress(keras.callbacks.Callback):
             "learning_rate": current_learning_rate(self.model),
             "elapsed_seconds": round(now - self.started_at, 3),
             "images_per_second": round(step * self.batch_size / max(elapsed_in_epoch, 1e-9), 2),
-            "eta_seconds": self._eta(step),
+            "eta_seconds": self.eta(step),
             "time": now,
         }
-        runfiles.append_jsonl(self.metrics_path, [event])
-        self.status.update(
-            state="running", phase=self._phase_name(), epoch=self._epoch, epochs=self.total_epochs,
-            step=step, steps=self.steps_per_epoch, eta_seconds=event["eta_seconds"],
-            images_per_second=event["images_per_second"],
-            message=f"Phase {self.phase}: epoch {self._epoch}/{self.total_epochs}, "
-                    f"batch {step}/{self.steps_per_epoch}.",
-        )
-        if self.echo is not None:
-            self._print_line(event)
+        runfiles.append_jsonl(self.metrics_path, [self.last_batch_event])
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.stop.epoch_is_complete(epoch):
+            return
         logs = logs or {}
         now = time.time()
         self.completed_epochs += 1
         epoch_seconds = now - self._epoch_started
-        event = {
+        self.last_epoch_event = {
             "type": "epoch",
             "phase": self.phase,
             "epoch": epoch + 1,
@@ -131,25 +168,14 @@ class RunProgress(keras.callbacks.Callback):
             "elapsed_seconds": round(now - self.started_at, 3),
             "epoch_seconds": round(epoch_seconds, 3),
             "images_per_second": round(self.steps_per_epoch * self.batch_size / max(epoch_seconds, 1e-9), 2),
+            "eta_seconds": self.eta(self.steps_per_epoch, finished_epoch=True),
             "time": now,
         }
-        runfiles.append_jsonl(self.metrics_path, [event])
-        self.status.update(state="running", phase=self._phase_name(), epoch=epoch + 1,
-                           epochs=self.total_epochs, last_completed_epoch=epoch + 1,
-                           eta_seconds=self._eta(self.steps_per_epoch, finished_epoch=True))
-        if self.echo is not None:
-            accuracy = event["val_accuracy"]
-            print(f"\rphase {self.phase} epoch {epoch + 1}/{self.total_epochs}: "
-                  f"loss {event['loss']:.4f}, accuracy {event['accuracy']:.4f}, "
-                  f"val_loss {event['val_loss'] if event['val_loss'] is None else round(event['val_loss'], 4)}, "
-                  f"val_accuracy {accuracy if accuracy is None else round(accuracy, 4)} "
-                  f"({epoch_seconds:.1f}s)" + " " * 10, file=self.echo, flush=True)
+        runfiles.append_jsonl(self.metrics_path, [self.last_epoch_event])
         runfiles.fault_point("epoch_end")  # tests only: slow epochs down so a stop lands mid-run
 
-    def _phase_name(self) -> str:
-        return "phase 1: training the new head" if self.phase == 1 else "phase 2: fine-tuning"
-
-    def _eta(self, step: int, finished_epoch: bool = False) -> Optional[float]:
+    def eta(self, step: int, finished_epoch: bool = False) -> Optional[float]:
+        """Seconds left for all planned epochs at the speed of this epoch's batches so far."""
         if not self._seconds_per_step:
             return None
         remaining_steps = (self.total_epochs - self._epoch) * self.steps_per_epoch
@@ -157,37 +183,110 @@ class RunProgress(keras.callbacks.Callback):
             remaining_steps += self.steps_per_epoch - step
         return round(remaining_steps * self._seconds_per_step, 1)
 
-    def _print_line(self, event: dict) -> None:
-        if not getattr(self.echo, "isatty", lambda: False)():
+
+class ProgressReporter(keras.callbacks.Callback):
+    """Keeps the run's status current from the events the MetricsLogger just wrote.
+
+    Args:
+        status: The worker's LaunchStatus.
+        metrics: The MetricsLogger of the same fit (it must come before this callback).
+        best_val_accuracy: The best validation accuracy before this fit (a resumed run, phase 1).
+    """
+
+    def __init__(self, status: LaunchStatus, metrics: MetricsLogger, best_val_accuracy: Optional[float] = None):
+        super().__init__()
+        self.status = status
+        self.metrics = metrics
+        self.best_val_accuracy = best_val_accuracy
+        self._reported_batch: Optional[dict] = None
+        self._reported_epoch: Optional[dict] = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        event = self.metrics.last_batch_event
+        if event is None or event is self._reported_batch:
             return
+        self._reported_batch = event
+        metrics = self.metrics
+        self.status.update(
+            stage=STAGE_OF_PHASE[metrics.phase], epoch=event["epoch"], epochs=metrics.total_epochs,
+            step=event["step"], steps=event["steps"], eta_seconds=event["eta_seconds"],
+            images_per_second=event["images_per_second"],
+            message=f"Phase {metrics.phase}: epoch {event['epoch']}/{metrics.total_epochs}, "
+                    f"batch {event['step']}/{event['steps']}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        event = self.metrics.last_epoch_event
+        if event is None or event is self._reported_epoch:
+            return
+        self._reported_epoch = event
+        accuracy = event["val_accuracy"]
+        if accuracy is not None and (self.best_val_accuracy is None or accuracy > self.best_val_accuracy):
+            self.best_val_accuracy = accuracy
+        self.status.update(stage=STAGE_OF_PHASE[self.metrics.phase], epoch=event["epoch"],
+                           epochs=self.metrics.total_epochs, eta_seconds=event["eta_seconds"],
+                           best_val_accuracy=self.best_val_accuracy)
+
+
+class TerminalProgress(keras.callbacks.Callback):
+    """Prints the MetricsLogger's events on a stream (the CLI's terminal): a bar per batch, a line per epoch."""
+
+    def __init__(self, echo, metrics: MetricsLogger):
+        super().__init__()
+        self.echo = echo
+        self.metrics = metrics
+        self._printed: Optional[dict] = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        event = self.metrics.last_batch_event
+        if event is None or event is self._printed or not getattr(self.echo, "isatty", lambda: False)():
+            return
+        self._printed = event
         width = 24
         filled = int(width * event["step"] / event["steps"])
         bar = "#" * filled + "-" * (width - filled)
         loss = "?" if event["loss"] is None else f"{event['loss']:.4f}"
         eta = "?" if event["eta_seconds"] is None else f"{event['eta_seconds']:.0f}s"
-        print(f"\rphase {self.phase} epoch {event['epoch']}/{self.total_epochs} [{bar}] "
+        print(f"\rphase {self.metrics.phase} epoch {event['epoch']}/{self.metrics.total_epochs} [{bar}] "
               f"{event['step']}/{event['steps']} loss {loss} {event['images_per_second']:.0f} img/s ETA {eta}",
               end="", file=self.echo, flush=True)
 
+    def on_epoch_end(self, epoch, logs=None):
+        event = self.metrics.last_epoch_event
+        if event is None or event["epoch"] != epoch + 1:
+            return
+
+        def shown(value):
+            return value if value is None else round(value, 4)
+
+        print(f"\rphase {self.metrics.phase} epoch {event['epoch']}/{self.metrics.total_epochs}: "
+              f"loss {shown(event['loss'])}, accuracy {shown(event['accuracy'])}, "
+              f"val_loss {shown(event['val_loss'])}, val_accuracy {shown(event['val_accuracy'])} "
+              f"({event['epoch_seconds']:.1f}s)" + " " * 10, file=self.echo, flush=True)
+
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the model being trained (with its optimizer state) after every epoch, for resume.
+    """Saves the model being trained (with its optimizer state) after every complete epoch, for resume.
 
     `checkpoint.keras` is replaced atomically, then `checkpoint.json` records which
     epoch and phase it holds, and whether it is the full model or only the head trained
     on cached features (`"model": "full" | "head"`), so a reader never pairs a state
-    with the wrong model.
+    with the wrong model. It must come before the MetricsLogger, so a worker killed in
+    between never leaves an epoch in metrics.jsonl that resume would repeat.
     """
 
-    def __init__(self, run_dir, phase: int, phase1_epochs: Optional[int], started_at: float, kind: str = "full"):
+    def __init__(self, run_dir, phase: int, phase1_epochs: Optional[int], started_at: float, kind: str,
+                 stop: StopOnRequest):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.phase1_epochs = phase1_epochs
         self.started_at = started_at
         self.kind = kind
+        self.stop = stop
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.stop.epoch_is_complete(epoch):
+            return
         runfiles.write_through_temporary(self.run_dir / runfiles.CHECKPOINT_MODEL_FILE, self.model.save)
         state = {"epoch": epoch + 1, "phase": self.phase, "model": self.kind,
                  "elapsed_seconds": round(time.time() - self.started_at, 3)}

@@ -16,35 +16,9 @@ from typing import Optional
 # Keep TensorFlow's C++ start-up chatter out of the terminal; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from engine.config import RunConfig, set_dotted  # noqa: E402
+from engine.config import RunConfig, add_arguments, overrides_from_arguments, set_dotted  # noqa: E402
 
-# CLI flag → dotted config name. Each flag overrides the config file's value.
-TRAIN_FLAGS = {
-    "name": "name",
-    "data": "data.path",
-    "validation_fraction": "data.validation_fraction",
-    "test_fraction": "data.test_fraction",
-    "split_seed": "data.split_seed",
-    "subset_fraction": "data.subset_fraction",
-    "cache": "data.cache",
-    "backbone": "model.backbone",
-    "alpha": "model.alpha",
-    "weights": "model.weights",
-    "image_size": "model.image_size",
-    "dropout": "model.dropout",
-    "hidden_units": "model.hidden_units",
-    "epochs": "training.epochs",
-    "batch_size": "training.batch_size",
-    "optimizer": "training.optimizer",
-    "learning_rate": "training.learning_rate",
-    "seed": "training.seed",
-    "class_weight": "training.class_weight",
-    "fine_tune_layers": "fine_tuning.layers",
-    "fine_tune_epochs": "fine_tuning.epochs",
-    "fine_tune_learning_rate": "fine_tuning.learning_rate",
-}
-
-TRAIN_HELP = {"data": "a folder of class subfolders, sample:NAME (sample:digits, sample:cats_vs_dogs) or "
+TRAIN_HELP = {"data.path": "a folder of class subfolders, sample:NAME (sample:digits, sample:cats_vs_dogs) or "
                       "tfds:NAME (a TensorFlow Datasets image-classification dataset, e.g. tfds:beans)"}
 
 
@@ -54,14 +28,17 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Transfer Studio engine.")
+    # exit_on_error=False: a bad flag value becomes one `error: ...` line (see main), like every other error.
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Transfer Studio engine.",
+                                     exit_on_error=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a classifier on a folder of class subfolders")
+    train = commands.add_parser("train", help="train a classifier on a folder of class subfolders",
+                                exit_on_error=False)
     train.add_argument("--config", help="a JSON or YAML config file (see configs/)")
     train.add_argument("--runs-dir", help="where run folders go (default $TRANSFER_STUDIO_RUNS or ./runs)")
-    for flag in TRAIN_FLAGS:
-        train.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=TRAIN_HELP.get(flag))
+    # One flag per declared setting (engine.config): help, choices and types come from the declarations.
+    add_arguments(train, extra_help=TRAIN_HELP)
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
     train.add_argument("--quiet", action="store_true", help="print only the run folder")
@@ -102,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     backbones.add_argument("--json", action="store_true")
 
     check = commands.add_parser("check", help="the data doctor: what is wrong or doubtful in a dataset folder")
-    check.add_argument("data", help=TRAIN_HELP["data"])
+    check.add_argument("data", help=TRAIN_HELP["data.path"])
     check.add_argument("--json", action="store_true", help="print the whole report as JSON")
     defaults = RunConfig().data
     check.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
@@ -116,10 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_arguments(arguments) -> RunConfig:
     """Builds the run config: defaults, then the config file, then flags, then --set."""
     data = RunConfig.load(arguments.config).to_dict() if arguments.config else RunConfig().to_dict()
-    for flag, dotted in TRAIN_FLAGS.items():
-        value = getattr(arguments, flag)
-        if value is not None:
-            set_dotted(data, dotted, value)
+    for dotted, value in overrides_from_arguments(arguments).items():
+        set_dotted(data, dotted, value)
     for assignment in arguments.set:
         if "=" not in assignment:
             raise CommandError(f"--set takes NAME=VALUE; received {assignment!r}.")
@@ -173,9 +148,9 @@ def command_train(arguments) -> int:
     echo = None if arguments.quiet else sys.stderr
     state = run_training(run_dir, echo=echo)
     if state == "failed":
-        from engine.runs import read_status
+        from engine.status import read_status
 
-        raise CommandError(f"Run failed: {read_status(run_dir).get('message')} (details in {run_dir}/worker.log)")
+        raise CommandError(f"Run failed: {read_status(run_dir).message} (details in {run_dir}/worker.log)")
     return 0
 
 
@@ -207,17 +182,16 @@ def command_runs(arguments) -> int:
 
     runs = list_runs(arguments.runs_dir)
     if arguments.json:
-        print(json.dumps(runs, indent=2))
+        print(json.dumps([dict(run.to_dict(), path=run.path) for run in runs], indent=2))
         return 0
     if not runs:
         print("No runs yet.")
         return 0
-    header = f"{'run':<44} {'state':<9} {'phase':<32} {'epoch':>7} {'best val acc':>12}"
-    print(header)
+    print(f"{'run':<44} {'state':<9} {'stage':<18} {'epoch':>7} {'best val acc':>12}  owner")
     for run in runs:
-        epoch = f"{run['epoch'] or '-'}/{run['epochs'] or '-'}"
-        best = "-" if run["best_val_accuracy"] is None else f"{run['best_val_accuracy']:.4f}"
-        print(f"{run['run_id']:<44} {run['state']:<9} {str(run['phase'] or '-')[:32]:<32} {epoch:>7} {best:>12}")
+        epoch = f"{run.epoch or '-'}/{run.epochs or '-'}"
+        best = "-" if run.best_val_accuracy is None else f"{run.best_val_accuracy:.4f}"
+        print(f"{run.run_id:<44} {run.state.value:<9} {run.stage.value:<18} {epoch:>7} {best:>12}  {run.owner or '-'}")
     return 0
 
 
@@ -237,10 +211,9 @@ def command_backbones(arguments) -> int:
 def command_check(arguments) -> int:
     from engine.doctor import check_dataset
 
-    for name in ("validation_fraction", "test_fraction"):
-        value = getattr(arguments, name)
-        if not 0 <= value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 0 and below 1; received {value}.")
+    # The same check as a training config's: engine.config declares the ranges once.
+    RunConfig().replace(**{"data.validation_fraction": arguments.validation_fraction,
+                           "data.test_fraction": arguments.test_fraction})
     folder = resolve_data_path(arguments.data)
     if not Path(folder).expanduser().is_dir():
         raise CommandError(f"Data folder {arguments.data!r} does not exist or is not a folder.")
@@ -320,14 +293,14 @@ def command_control(arguments) -> int:
 
     action = {"stop": jobs.stop, "kill": jobs.kill, "resume": jobs.resume}[arguments.command]
     status = action(arguments.run, arguments.runs_dir)
-    print(f"{status.get('state')}: {status.get('message', '')}")
+    print(f"{status.state.value}: {status.message}")
     return 0
 
 
 def command_worker(arguments) -> int:
     import fcntl
 
-    from engine import jobs
+    from engine.executors import LOCK_FILE
     from engine.train import run_training
 
     run_dir = Path(arguments.run_dir)
@@ -336,7 +309,7 @@ def command_worker(arguments) -> int:
     lock = None
     if os.environ.get("TRANSFER_STUDIO_LOCK_INHERITED") != "1":
         # Started directly (by a scheduler, not our supervisor): hold the run's lock ourselves.
-        lock = open(run_dir / jobs.LOCK_FILE, "a+")
+        lock = open(run_dir / LOCK_FILE, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -348,12 +321,15 @@ def command_worker(arguments) -> int:
 
 
 def command_supervise(arguments) -> int:
-    from engine import jobs
+    from engine import executors, jobs
 
     if arguments.detach:
-        jobs.launch_detached_supervisor(arguments.run_dir)
+        executors.launch_detached_supervisor(arguments.run_dir)
         return 0
-    return jobs.supervise(arguments.run_dir)
+    code = executors.supervise(arguments.run_dir)
+    # The run's slot is free now: start the next queued run, so the queue moves on with no page open.
+    jobs.schedule(Path(arguments.run_dir).parent)
+    return code
 
 
 COMMANDS = {
@@ -373,7 +349,11 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     """Runs one CLI command; returns the process exit status."""
-    arguments = build_parser().parse_args(argv)
+    try:
+        arguments = build_parser().parse_args(argv)
+    except argparse.ArgumentError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     from engine.backbones import WeightsUnavailableError
 
     try:
@@ -381,3 +361,9 @@ def main(argv=None) -> int:
     except (CommandError, ValueError, WeightsUnavailableError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`python -m engine runs | head -1`): end quietly, as the Python docs
+        # advise (signal module, "Note on SIGPIPE"): point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and exit 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

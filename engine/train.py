@@ -1,10 +1,16 @@
 """The training worker: everything one run does, from scanning the data to writing its evaluation.
 
-`run_training(run_dir)` reads `config.json` from the run folder and writes every
-other file of the folder (see README, "The run folder"). It is what
-`python -m engine train` runs in the foreground and what `python -m engine worker`
-runs for a detached run. A run saves a checkpoint after every epoch; when one is
-present the run resumes from it, on the same split, counting epochs on.
+`run_training(run_dir)` reads `config.json` from the run folder and writes every other
+file of the folder (docs/architecture.md). It is what `python -m engine train` runs in
+the foreground and what `python -m engine worker` runs for a detached run. It reads as
+the phases of keras-io's transfer-learning guide:
+
+    resume point (checkpoint.json) → data → phase 1: the new head (on cached features,
+    or end to end) → phase 2: fine-tuning → save → evaluate
+
+each a function with explicit inputs and outputs. A run saves a checkpoint after every
+complete epoch; when one is present the run resumes from it, on the same split,
+counting epochs on.
 """
 
 from __future__ import annotations
@@ -15,16 +21,16 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from engine import runfiles
 from engine.config import RunConfig
 from engine.data import DataError, SplitItem, make_split, scan_dataset, split_counts
-from engine.runs import StatusWriter, now_iso
+from engine.status import IllegalTransition, LaunchStatus, Stage, State
 
 logger = logging.getLogger("engine.train")
 
@@ -32,9 +38,6 @@ logger = logging.getLogger("engine.train")
 # features took 1.7 s at 1 and 0.85 s at 32 (2 cores), and a stop still lands within ~0.1 s.
 HEAD_STEPS_PER_EXECUTION = 32
 VALIDATION_FEATURE_BATCH = 1024
-STOP_REQUEST_FILE = runfiles.STOP_REQUEST_FILE
-CHECKPOINT_MODEL_FILE = runfiles.CHECKPOINT_MODEL_FILE
-CHECKPOINT_STATE_FILE = runfiles.CHECKPOINT_STATE_FILE
 FAULT_VARIABLE = runfiles.FAULT_VARIABLE
 fault_point = runfiles.fault_point
 
@@ -51,7 +54,7 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def run_training(run_dir: str | os.PathLike, echo=None) -> str:
+def run_training(run_dir: str | os.PathLike, echo=None) -> State:
     """Trains, saves and evaluates the run in `run_dir` (resuming from its checkpoint if it has one).
 
     Args:
@@ -59,41 +62,49 @@ def run_training(run_dir: str | os.PathLike, echo=None) -> str:
         echo: A stream to print progress on (the CLI's terminal), or None.
 
     Returns:
-        The final state: "finished", "stopped" or "failed". A failure never raises:
-        it ends with state "failed", a one-line message in status.json and the
-        traceback in worker.log.
+        The final state: finished, stopped or failed. A failure never raises: it ends with
+        state failed, a one-line message in status.json and the traceback in worker.log.
+
+    Raises:
+        IllegalTransition: the run cannot be started (it is finished, or its status is unreadable).
     """
     run_dir = Path(run_dir)
-    status = StatusWriter(run_dir)
+    status = LaunchStatus(run_dir)
+    status.begin(pid=os.getpid(), host=socket.gethostname())
     handler = logging.FileHandler(run_dir / runfiles.LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     engine_logger = logging.getLogger("engine")
     engine_logger.setLevel(logging.INFO)
     engine_logger.addHandler(handler)
-    status.update(state="running", phase="preparing", message="Starting.", pid=os.getpid(),
-                  host=socket.gethostname(), started=now_iso(), error=None)
     status.start_heartbeat()
     try:
         _remove_dead_saves(run_dir)
-        return _train(run_dir, status, echo)
+        return _end(status, *_train(run_dir, status, echo), echo=echo)
     except StopRequested:
-        message = "Stopped before training began."
-        status.update(state="stopped", phase="stopped", message=message, finished=now_iso(), eta_seconds=0)
-        logger.info(message)
-        return "stopped"
+        return _end(status, State.STOPPED, "Stopped before training began.", echo=echo)
     except BaseException as error:  # noqa: BLE001 - every failure must end as a readable status
         logger.error("Run failed:\n%s", traceback.format_exc())
         message = one_line(error) if not isinstance(error, KeyboardInterrupt) else "Interrupted."
-        status.update(state="failed", phase="failed", message=message, error=message, finished=now_iso())
-        if echo is not None:
-            print(f"\nerror: {message}", file=echo, flush=True)
+        state = _end(status, State.FAILED, message, echo=echo, error=message)
         if isinstance(error, KeyboardInterrupt):
             raise
-        return "failed"
+        return state
     finally:
         status.stop_heartbeat()
         engine_logger.removeHandler(handler)
         handler.close()
+
+
+def _end(status: LaunchStatus, state: State, message: str, echo=None, **fields) -> State:
+    """Records how this launch ended; the state returned is the one the run is in afterwards."""
+    (logger.error if state is State.FAILED else logger.info)(message)
+    if echo is not None:
+        print(("\nerror: " if state is State.FAILED else "") + message, file=echo, flush=True)
+    if status.finish(state, message, **fields) is None:
+        logger.warning("The run was taken over (declared dead or relaunched) before it ended; "
+                       "its own end, %s, is not recorded.", state)
+        return State.FAILED
+    return state
 
 
 def _remove_dead_saves(run_dir: Path) -> None:
@@ -109,11 +120,57 @@ def _remove_dead_saves(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _say(status: StatusWriter, echo, phase: str, message: str) -> None:
+def _say(status: LaunchStatus, echo, stage: Stage, message: str) -> None:
     logger.info(message)
-    status.update(phase=phase, message=message)
+    status.update(stage=stage, message=message)
     if echo is not None:
         print(message, file=echo, flush=True)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run picks up, read once from `checkpoint.json` (a fresh run starts at epoch 0, phase 1).
+
+    Attributes:
+        epochs_done: Complete epochs so far, over both phases.
+        phase: The phase the checkpoint was saved in.
+        phase1_epochs: How many epochs phase 1 ran (known once phase 2 began).
+        elapsed_seconds: Training time so far, so elapsed times count on.
+        model_kind: "full" (base + head) or "head" (the head alone, trained on cached features).
+    """
+
+    epochs_done: int = 0
+    phase: int = 1
+    phase1_epochs: Optional[int] = None
+    elapsed_seconds: float = 0.0
+    model_kind: str = "full"
+
+    @property
+    def resuming(self) -> bool:
+        """True when there is a checkpoint to continue from."""
+        return self.epochs_done > 0
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "ResumePoint":
+        """The run's resume point; a fresh one when there is no complete checkpoint."""
+        state = runfiles.read_json(run_dir / runfiles.CHECKPOINT_STATE_FILE)
+        if not isinstance(state, dict) or not (run_dir / runfiles.CHECKPOINT_MODEL_FILE).is_file():
+            return cls()
+        phase = int(state.get("phase", 1))
+        return cls(epochs_done=int(state.get("epoch", 0)), phase=phase,
+                   phase1_epochs=int(state["phase1_epochs"]) if state.get("phase1_epochs") else None,
+                   elapsed_seconds=float(state.get("elapsed_seconds", 0.0)), model_kind=state.get("model", "full"))
+
+
+class StopCheck:
+    """Raises StopRequested when the run's stop request exists (between steps, before training)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / runfiles.STOP_REQUEST_FILE
+
+    def __call__(self) -> None:
+        if self.path.exists():
+            raise StopRequested()
 
 
 @dataclass
@@ -128,16 +185,16 @@ class PreparedData:
     image_key: Optional[str] = None
 
 
-def _prepare_data(run_dir: Path, config: RunConfig, status: StatusWriter, echo, check_stop) -> PreparedData:
+def _prepare_data(run_dir: Path, config: RunConfig, status: LaunchStatus, echo, check_stop, resuming: bool) -> PreparedData:
     """Scans and splits the data (or re-reads the split of a resumed run) and decodes every image once."""
     from engine.pipeline import build_image_cache, scan_and_decode
 
-    resumed_split = runfiles.read_csv(run_dir / runfiles.SPLIT_FILE) if _checkpoint_state(run_dir) else []
+    resumed_split = runfiles.read_csv(run_dir / runfiles.SPLIT_FILE) if resuming else []
     image_size = config.model.resolved_image_size
     if resumed_split:
-        _say(status, echo, "checking data", f"Resuming on the same split of {len(resumed_split)} images.")
+        _say(status, echo, Stage.PREPARING_DATA, f"Resuming on the same split of {len(resumed_split)} images.")
     else:
-        _say(status, echo, "checking data",
+        _say(status, echo, Stage.PREPARING_DATA,
              f"Checking the images in {config.data.path} and decoding them once at {image_size}×{image_size}.")
 
     def progress(done, total):
@@ -245,174 +302,264 @@ def _split(scan, config: RunConfig) -> tuple[list[SplitItem], dict]:
     return manifest, scan.report()
 
 
-def _checkpoint_state(run_dir: Path) -> dict:
-    state = runfiles.read_json(run_dir / CHECKPOINT_STATE_FILE)
-    if isinstance(state, dict) and (run_dir / CHECKPOINT_MODEL_FILE).is_file():
-        return state
-    return {}
+@dataclass
+class Training:
+    """What every phase of one run needs: the run, its settings, its data, where progress goes."""
+
+    run_dir: Path
+    config: RunConfig
+    data: PreparedData
+    status: LaunchStatus
+    echo: object
+    started_at: float
+    planned_epochs: int
+    class_weight: Optional[dict]
+    num_classes: int = field(init=False)
+    steps_per_epoch: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_classes = len(self.data.class_names)
+        self.steps_per_epoch = math.ceil(len(self.data.positions["train"]) / self.config.training.batch_size)
+
+    @property
+    def binary(self) -> bool:
+        """Two classes train with one sigmoid output."""
+        return self.num_classes == 2
+
+    def say(self, stage: Stage, message: str) -> None:
+        """Logs a step, shows it in the status and on the terminal."""
+        _say(self.status, self.echo, stage, message)
 
 
-def _train(run_dir: Path, status: StatusWriter, echo) -> str:
+@dataclass
+class PhaseResult:
+    """How far training got: complete epochs over both phases, and whether a stop request ended it."""
+
+    epochs_done: int
+    stopped: bool = False
+
+
+class FullModel:
+    """The full model (base + head), built only when something needs it.
+
+    With cached features, a head can train before the base is even loaded; a resumed run
+    whose checkpoint is the full model takes that instead of building a new one.
+    """
+
+    def __init__(self, training: Training, checkpointed=None):
+        self.training = training
+        self.model = checkpointed
+
+    def __call__(self):
+        if self.model is None:
+            from engine.modeling import build_model, compile_model
+
+            config = self.training.config
+            self.training.say(Stage.BUILDING_MODEL, f"Building {config.model.backbone} with weights {config.model.weights}.")
+            self.model = build_model(config, self.training.num_classes)
+            compile_model(self.model, config.training.optimizer, config.training.learning_rate,
+                          self.training.num_classes)
+        return self.model
+
+
+def _train(run_dir: Path, status: LaunchStatus, echo) -> tuple[State, str]:
+    """The phases of one run, in order; returns the final state and its message."""
     config = RunConfig.load(run_dir / runfiles.CONFIG_FILE)
     logger.info("Config: %s", config.to_json())
-    stop_path = run_dir / STOP_REQUEST_FILE
-
-    def check_stop():
-        if stop_path.exists():
-            raise StopRequested()
-
-    data = _prepare_data(run_dir, config, status, echo, check_stop)
+    check_stop = StopCheck(run_dir)
+    resume = ResumePoint.read(run_dir)
+    data = _prepare_data(run_dir, config, status, echo, check_stop, resume.resuming)
     check_stop()
+    fine_tuning = config.fine_tuning
+    training = Training(
+        run_dir=run_dir, config=config, data=data, status=status, echo=echo,
+        started_at=time.time() - resume.elapsed_seconds,
+        planned_epochs=config.training.epochs + (fine_tuning.epochs if fine_tuning.enabled else 0),
+        class_weight=(_class_weights(data.labels["train"], len(data.class_names))
+                      if config.training.class_weight == "balanced" else None))
+    checkpointed = _load_checkpoint(training, resume)
+    full_model = FullModel(training, checkpointed if resume.model_kind == "full" else None)
 
-    import keras
-
-    from engine.callbacks import EpochCheckpoint, RunProgress, StopTrainingNow
-    from engine.modeling import build_head, build_model, compile_model, copy_head_weights, unfreeze_top_layers
-    from engine.pipeline import make_dataset
-
-    training, fine_tuning = config.training, config.fine_tuning
-    num_classes = len(data.class_names)
-    checkpoint = _checkpoint_state(run_dir)
-    epochs_done = int(checkpoint.get("epoch", 0))
-    phase = int(checkpoint.get("phase", 1))
-    phase1_epochs = int(checkpoint.get("phase1_epochs", training.epochs if phase == 2 else 0)) or training.epochs
-    started_at = time.time() - float(checkpoint.get("elapsed_seconds", 0.0))
-    steps_per_epoch = math.ceil(len(data.positions["train"]) / training.batch_size)
-    class_weight = _class_weights(data.labels["train"], num_classes) if training.class_weight == "balanced" else None
-    planned = training.epochs + (fine_tuning.epochs if fine_tuning.enabled else 0)
-    binary = num_classes == 2
-    checkpointed_model = None
-    if checkpoint:
-        import engine.layers  # noqa: F401 - registers our layers for safe-mode loading
-
-        _say(status, echo, "building model", f"Resuming from the checkpoint after epoch {checkpoint['epoch']}.")
-        checkpointed_model = keras.models.load_model(run_dir / CHECKPOINT_MODEL_FILE, safe_mode=True, compile=True)
-        runfiles.append_jsonl(run_dir / runfiles.METRICS_FILE, [
-            {"type": "resume", "epoch": int(checkpoint["epoch"]), "phase": phase, "time": time.time()}])
-
-    # The full model (base + head) is built only when something needs it: with cached
-    # features, a head can train before the base is even loaded.
-    built = {}
-
-    def full_model():
-        if "model" not in built:
-            if checkpointed_model is not None and checkpoint.get("model", "full") == "full":
-                built["model"] = checkpointed_model
-            else:
-                _say(status, echo, "building model",
-                     f"Building {config.model.backbone} with weights {config.model.weights}.")
-                built["model"] = build_model(config, num_classes)
-                compile_model(built["model"], training.optimizer, training.learning_rate, num_classes)
-        return built["model"]
-
-    def fit(fit_model, train_data, validation_data, phase_number, final_epoch, total_epochs, kind, callbacks):
-        progress = RunProgress(run_dir, status, phase_number, steps_per_epoch, training.batch_size,
-                               total_epochs, started_at, echo)
-        # The checkpoint is saved before the epoch's metrics event is written, so a worker
-        # killed in between never leaves an epoch in metrics.jsonl that resume would repeat.
-        saver = EpochCheckpoint(run_dir, phase_number, phase1_epochs if phase_number == 2 else None, started_at,
-                                kind=kind)
-        try:
-            fit_model.fit(train_data, validation_data=validation_data, initial_epoch=epochs_done,
-                          epochs=final_epoch, callbacks=[saver, progress] + callbacks,
-                          class_weight=class_weight, shuffle=False, verbose=0)
-        except StopTrainingNow:
-            logger.info("Stop requested: leaving training after the current batch.")
-        return progress.completed_epochs, progress.stop_requested
-
-    def image_data(split, shuffle):
-        # Batches gathered from the decode-once image cache; the seed moves on with the epochs.
-        return make_dataset(data.images, data.labels[split], training.batch_size, shuffle=shuffle,
-                            seed=training.seed + epochs_done, binary=binary, rows=data.positions[split])
-
-    stopped = False
-    head = None
-    features = {}
-    if phase == 1 and training.cached_features:
-        from engine.features import make_feature_dataset
-
-        features = _cached_features(config, data, full_model, status, echo, check_stop)
-        if checkpointed_model is not None:
-            head = checkpointed_model
-        else:
-            head = build_head(config, num_classes, features["validation"].shape[-1])
-            compile_model(head, training.optimizer, training.learning_rate, num_classes,
-                          steps_per_execution=HEAD_STEPS_PER_EXECUTION)
-        if epochs_done < training.epochs:
-            _say(status, echo, "phase 1: training the new head",
-                 f"Phase 1: training the new head on cached features for epochs {epochs_done + 1}–"
-                 f"{training.epochs} on {len(data.positions['train'])} images.")
-            train_data = make_feature_dataset(features["train"], data.labels["train"], training.batch_size,
-                                              shuffle=True, seed=training.seed + epochs_done, binary=binary)
-            # Validation batches only compute metrics (averaged per image), so their size changes
-            # nothing but the per-batch overhead.
-            validation_data = make_feature_dataset(features["validation"], data.labels["validation"],
-                                                   max(training.batch_size, VALIDATION_FEATURE_BATCH), binary=binary)
-            done, stopped = fit(head, train_data, validation_data, 1, training.epochs, planned, "head",
-                                _keras_callbacks(config, run_dir, full_model))
-            epochs_done += done
-            phase1_epochs = epochs_done
+    head, features = None, {}
+    if resume.phase == 1 and config.training.cached_features:
+        head, features, result = train_head_on_features(training, resume, checkpointed, full_model, check_stop)
         model = full_model()
+        from engine.modeling import copy_head_weights
+
         copy_head_weights(head, model)
-    else:
+    elif resume.phase == 1:
         model = full_model()
-        if phase == 1 and epochs_done < training.epochs:
-            _say(status, echo, "phase 1: training the new head",
-                 f"Phase 1: training the new head for epochs {epochs_done + 1}–{training.epochs} "
-                 f"on {len(data.positions['train'])} images, every image through the base every epoch.")
-            done, stopped = fit(model, image_data("train", True), image_data("validation", False), 1,
-                                training.epochs, planned, "full", _keras_callbacks(config, run_dir))
-            epochs_done += done
-            phase1_epochs = epochs_done
+        result = train_head_end_to_end(training, resume, model)
+    else:
+        model, result = full_model(), PhaseResult(resume.epochs_done)
+    phase1_epochs = resume.phase1_epochs or (result.epochs_done if resume.phase == 1 else config.training.epochs)
 
     fine_tuned = False
-    if fine_tuning.enabled and not stopped:
-        unfrozen = unfreeze_top_layers(model, fine_tuning.layers)
-        compile_model(model, training.optimizer, fine_tuning.learning_rate, num_classes)
-        final_epoch = phase1_epochs + fine_tuning.epochs
-        if epochs_done < final_epoch:
-            _say(status, echo, "phase 2: fine-tuning",
+    if fine_tuning.enabled and not result.stopped:
+        result, fine_tuned = fine_tune(training, model, result.epochs_done, phase1_epochs)
+
+    training.say(Stage.SAVING, "Saving the model.")
+    save_model_atomically(model, run_dir / runfiles.MODEL_FILE)
+    # The base did not change after the features were computed, so unless it was fine-tuned
+    # the head on the cached features gives what the full model gives on the images (tested).
+    accuracy = evaluate_run(training, model, head if not fine_tuned else None, features)
+    verb = "Stopped" if result.stopped else "Finished"
+    status.update(epoch=result.epochs_done, validation_accuracy=accuracy)
+    return (State.STOPPED if result.stopped else State.FINISHED,
+            f"{verb} after {result.epochs_done} epochs: validation accuracy {accuracy:.3f}.")
+
+
+def _load_checkpoint(training: Training, resume: ResumePoint):
+    """The checkpointed model (with its optimizer state) of a resumed run, or None."""
+    if not resume.resuming:
+        return None
+    import keras
+
+    import engine.layers  # noqa: F401 - registers our layers for safe-mode loading
+
+    training.say(Stage.BUILDING_MODEL, f"Resuming from the checkpoint after epoch {resume.epochs_done}.")
+    model = keras.models.load_model(training.run_dir / runfiles.CHECKPOINT_MODEL_FILE, safe_mode=True, compile=True)
+    runfiles.append_jsonl(training.run_dir / runfiles.METRICS_FILE, [
+        {"type": "resume", "epoch": resume.epochs_done, "phase": resume.phase, "time": time.time()}])
+    return model
+
+
+def _fit(training: Training, model, train_data, validation_data, phase: int, first_epoch: int, final_epoch: int,
+         kind: str, phase1_epochs: Optional[int], extra_callbacks: list) -> PhaseResult:
+    """`model.fit` from `first_epoch` to `final_epoch` with the run's callbacks; how far it got."""
+    from engine.callbacks import EpochCheckpoint, MetricsLogger, ProgressReporter, StopOnRequest, TerminalProgress
+
+    stop = StopOnRequest(training.run_dir, training.steps_per_epoch)
+    metrics = MetricsLogger(training.run_dir, phase, training.steps_per_epoch, training.config.training.batch_size,
+                            training.planned_epochs, training.started_at, stop)
+    # The checkpoint is saved before the epoch's metrics event is written, so a worker killed in
+    # between never leaves an epoch in metrics.jsonl that resume would repeat; the stop comes last.
+    callbacks = [EpochCheckpoint(training.run_dir, phase, phase1_epochs, training.started_at, kind, stop),
+                 metrics,
+                 ProgressReporter(training.status, metrics, training.status.last.best_val_accuracy
+                                  if training.status.last else None)]
+    if training.echo is not None:
+        callbacks.append(TerminalProgress(training.echo, metrics))
+    model.fit(train_data, validation_data=validation_data, initial_epoch=first_epoch, epochs=final_epoch,
+              callbacks=callbacks + extra_callbacks + [stop], class_weight=training.class_weight, shuffle=False,
+              verbose=0)
+    if stop.requested:
+        logger.info("Stop requested: left training after the current batch.")
+    return PhaseResult(first_epoch + metrics.completed_epochs, stop.requested)
+
+
+def _image_data(training: Training, split: str, shuffle: bool, epochs_done: int):
+    """Batches gathered from the decode-once image cache; the shuffling seed moves on with the epochs."""
+    from engine.pipeline import make_dataset
+
+    data, settings = training.data, training.config.training
+    return make_dataset(data.images, data.labels[split], settings.batch_size, shuffle=shuffle,
+                        seed=settings.seed + epochs_done, binary=training.binary, rows=data.positions[split])
+
+
+def train_head_on_features(training: Training, resume: ResumePoint, checkpointed, full_model: FullModel,
+                           check_stop: Callable[[], None]):
+    """Phase 1 on cached features: the frozen base runs once per image, the head trains on its output.
+
+    Returns:
+        (the trained head, the features per split, how far training got).
+    """
+    from engine.features import make_feature_dataset
+    from engine.modeling import build_head, compile_model
+
+    config, data = training.config, training.data
+    settings = config.training
+    features = _cached_features(config, data, full_model, training.status, training.echo, check_stop)
+    if checkpointed is not None:
+        head = checkpointed
+    else:
+        head = build_head(config, training.num_classes, features["validation"].shape[-1])
+        compile_model(head, settings.optimizer, settings.learning_rate, training.num_classes,
+                      steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+    if resume.epochs_done >= settings.epochs:
+        return head, features, PhaseResult(resume.epochs_done)
+    training.say(Stage.TRAINING_HEAD,
+                 f"Phase 1: training the new head on cached features for epochs {resume.epochs_done + 1}–"
+                 f"{settings.epochs} on {len(data.positions['train'])} images.")
+    train_data = make_feature_dataset(features["train"], data.labels["train"], settings.batch_size,
+                                      shuffle=True, seed=settings.seed + resume.epochs_done, binary=training.binary)
+    # Validation batches only compute metrics (averaged per image), so their size changes
+    # nothing but the per-batch overhead.
+    validation_data = make_feature_dataset(features["validation"], data.labels["validation"],
+                                           max(settings.batch_size, VALIDATION_FEATURE_BATCH), binary=training.binary)
+    result = _fit(training, head, train_data, validation_data, 1, resume.epochs_done, settings.epochs, "head", None,
+                  keras_callbacks(config, training.run_dir, full_model))
+    return head, features, result
+
+
+def train_head_end_to_end(training: Training, resume: ResumePoint, model) -> PhaseResult:
+    """Phase 1 the tutorials' way: every image through the frozen base in every epoch (needed for
+    fully random augmentation)."""
+    settings = training.config.training
+    if resume.epochs_done >= settings.epochs:
+        return PhaseResult(resume.epochs_done)
+    training.say(Stage.TRAINING_HEAD,
+                 f"Phase 1: training the new head for epochs {resume.epochs_done + 1}–{settings.epochs} "
+                 f"on {len(training.data.positions['train'])} images, every image through the base every epoch.")
+    return _fit(training, model, _image_data(training, "train", True, resume.epochs_done),
+                _image_data(training, "validation", False, resume.epochs_done), 1, resume.epochs_done,
+                settings.epochs, "full", None, keras_callbacks(training.config, training.run_dir))
+
+
+def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int) -> tuple[PhaseResult, bool]:
+    """Phase 2: unfreeze the base's last layers (BatchNorm stays frozen) and train on at a low learning rate.
+
+    Returns:
+        (how far training got, whether any fine-tuning epoch was due).
+    """
+    from engine.modeling import compile_model, unfreeze_top_layers
+
+    fine_tuning, settings = training.config.fine_tuning, training.config.training
+    unfrozen = unfreeze_top_layers(model, fine_tuning.layers)
+    compile_model(model, settings.optimizer, fine_tuning.learning_rate, training.num_classes)
+    final_epoch = phase1_epochs + fine_tuning.epochs
+    if epochs_done >= final_epoch:
+        return PhaseResult(epochs_done), False
+    training.say(Stage.FINE_TUNING,
                  f"Phase 2: fine-tuning the last {fine_tuning.layers} layers of the base ({unfrozen} with weights; "
                  f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
                  f"epochs {epochs_done + 1}–{final_epoch}.")
-            # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
-            done, stopped = fit(model, image_data("train", True), image_data("validation", False), 2, final_epoch,
-                                final_epoch, "full", _keras_callbacks(config, run_dir))
-            epochs_done += done
-            fine_tuned = True
+    # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
+    result = _fit(training, model, _image_data(training, "train", True, epochs_done),
+                  _image_data(training, "validation", False, epochs_done), 2, epochs_done, final_epoch, "full",
+                  phase1_epochs, keras_callbacks(training.config, training.run_dir))
+    return result, True
 
-    _say(status, echo, "saving", "Saving the model.")
-    save_model_atomically(model, run_dir / runfiles.MODEL_FILE)
 
-    _say(status, echo, "evaluating", "Evaluating on the validation and test images.")
-    from engine.evaluate import predict_probabilities, write_evaluation
+def evaluate_run(training: Training, model, head, features: dict) -> float:
+    """Writes evaluation.json and predictions.csv for the validation and test images; the validation accuracy.
+
+    Args:
+        head: The head trained on cached features, when the base did not change after they
+            were computed (then the head on the features stands for the model on the images).
+        features: The cached features per split.
+    """
+    from engine.evaluate import write_evaluation
     from engine.modeling import probabilities_per_class
+    from engine.predict import predict_probabilities
 
+    training.say(Stage.EVALUATING, "Evaluating on the validation and test images.")
+    data = training.data
     split_results = {}
     for split in ("validation", "test"):
         if not data.positions[split]:
             continue
-        if head is not None and not fine_tuned and split in features:
-            # The base did not change after the features were computed, so the head on the
-            # cached features gives what the full model gives on the images (tested).
-            probabilities = probabilities_per_class(head.predict(features[split], verbose=0), num_classes)
+        if head is not None and split in features:
+            probabilities = probabilities_per_class(head.predict(features[split], verbose=0), training.num_classes)
         else:
-            probabilities = predict_probabilities(model, data.images, num_classes, rows=data.positions[split])
+            probabilities = predict_probabilities(model, data.images, training.num_classes,
+                                                  rows=data.positions[split])
         split_results[split] = (data.paths[split], data.labels[split], probabilities)
-    evaluation = write_evaluation(run_dir, data.class_names, split_results)
-    accuracy = evaluation["splits"]["validation"]["accuracy"]
-    final_state = "stopped" if stopped else "finished"
-    message = (f"{'Stopped' if stopped else 'Finished'} after {epochs_done} epochs: "
-               f"validation accuracy {accuracy:.3f}.")
-    status.update(state=final_state, phase=final_state, message=message, finished=now_iso(),
-                  epoch=epochs_done, eta_seconds=0, validation_accuracy=accuracy)
-    logger.info(message)
-    if echo is not None:
-        print(message, file=echo, flush=True)
-    return final_state
+    evaluation = write_evaluation(training.run_dir, data.class_names, split_results)
+    return evaluation["splits"]["validation"]["accuracy"]
 
 
-def _cached_features(config: RunConfig, data: PreparedData, full_model, status: StatusWriter, echo,
+def _cached_features(config: RunConfig, data: PreparedData, full_model, status: LaunchStatus, echo,
                      check_stop) -> dict:
     """The frozen base's pooled features per split, from the cache or computed once now.
 
@@ -441,7 +588,7 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
         model = full_model()
         extractor = build_feature_extractor(model)
         augmentation = model.get_layer("augmentation") if views else None
-        _say(status, echo, "computing features",
+        _say(status, echo, Stage.COMPUTING_FEATURES,
              f"Computing {config.model.backbone} features of {total} images once "
              f"({views} augmented views of each training image)." if views else
              f"Computing {config.model.backbone} features of {total} images once.")
@@ -463,7 +610,7 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
         logger.info("Features of %d images computed in %.1f s (%.0f images/s).", total, seconds,
                     total / max(seconds, 1e-9))
     else:
-        _say(status, echo, "computing features", "Backbone features found in the cache; nothing to compute.")
+        _say(status, echo, Stage.COMPUTING_FEATURES, "Backbone features found in the cache; nothing to compute.")
     index_of_row = {row: index for index, row in enumerate(used_rows)}
     features = {split: jobs[0].array[[index_of_row[row] for row in rows]]
                 for split, rows in data.positions.items() if rows}
@@ -489,7 +636,7 @@ def _class_weights(train_labels: np.ndarray, num_classes: int) -> dict:
     return {index: float(total / (num_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
 
 
-def _keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
+def keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
     """The callbacks the config switches on.
 
     Args:
@@ -529,3 +676,21 @@ def save_model_atomically(model, path: Path) -> None:
         fault_point("saving")
 
     runfiles.write_through_temporary(path, write)
+
+
+def train_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, echo=None) -> Path:
+    """Creates a run folder for `config` and trains it in this process (what `python -m engine train` does).
+
+    Args:
+        config: The run's settings.
+        runs_dir: The runs root (default `$TRANSFER_STUDIO_RUNS`, else `runs/`).
+        echo: A stream to print progress on, or None.
+
+    Returns:
+        The run folder; its status says how the run ended (`engine.read_status(folder).state`).
+    """
+    from engine.runs import create_run
+
+    run_dir = create_run(config, runs_dir)
+    run_training(run_dir, echo=echo)
+    return run_dir

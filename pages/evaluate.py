@@ -73,7 +73,7 @@ if not runs:
     st.info("No evaluated runs yet: a run is evaluated when it finishes or is stopped.")
     st.stop()
 run = pick_run(runs, key="evaluate_run")
-evaluation = runfiles.read_json(Path(run["path"]) / runfiles.EVALUATION_FILE) or {}
+evaluation = runfiles.read_json(Path(run.path) / runfiles.EVALUATION_FILE) or {}
 splits = list(evaluation.get("splits", {}))
 left, right = st.columns([2, 1])
 split = left.radio("Images", splits, horizontal=True, format_func=str.capitalize, key="evaluate_split",
@@ -94,7 +94,7 @@ matrix = np.array(result["confusion_matrix"])
 selection = st.plotly_chart(confusion_figure(classes, matrix, normalised), key="confusion", on_select="rerun",
                             selection_mode="points")
 true, predicted = pick_cell(classes, selection)
-predictions = load_predictions(run["path"])
+predictions = load_predictions(run.path)
 st.markdown(f"**True {true}, predicted {predicted}**")
 image_grid(cell_images(predictions, split, true, predicted).head(24), "No images in this cell.")
 

@@ -27,12 +27,12 @@ if not runs:
 else:
     table = pd.DataFrame([
         {
-            "Run": run["run_id"],
-            "State": run["state"],
-            "Backbone": run["backbone"],
-            "Dataset": run["dataset"],
-            "Best validation accuracy": run["best_val_accuracy"],
-            "Started": run["created"],
+            "Run": run.run_id,
+            "State": run.state.value,
+            "Backbone": run.backbone,
+            "Dataset": run.dataset,
+            "Best validation accuracy": run.best_val_accuracy,
+            "Started": run.created,
         }
         for run in runs
     ])

@@ -4,8 +4,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import jobs
-from engine.interpret import log_tail, metrics_frames, phase_two_start
-from engine.runs import get_run
+from engine.interpret import metrics_frames, phase_two_start
+from engine.status import RunStatus, State
 from ui import all_runs, pick_run, runs_root
 
 REFRESH_SECONDS = 1.5
@@ -32,46 +32,50 @@ def curve_figure(batches, epochs, metric: str, title: str, boundary):
     return figure
 
 
-def controls(run: dict) -> None:
-    state = run["state"]
+def controls(run: RunStatus) -> None:
+    state = run.state
     left, middle, right = st.columns(3)
-    if left.button("Stop", disabled=state not in ("running", "queued"), key="stop",
+    if left.button("Stop", disabled=state not in (State.RUNNING, State.QUEUED), key="stop",
                    help="Finish the current batch, save the model and evaluate it."):
-        jobs.stop(run["run_id"], runs_root())
-    if middle.button("Resume", disabled=state not in ("stopped", "failed"), key="resume",
+        jobs.stop(run.run_id, runs_root())
+    if middle.button("Resume", disabled=state not in (State.STOPPED, State.FAILED), key="resume",
                      help="Continue from the last completed epoch."):
         try:
-            jobs.resume(run["run_id"], runs_root())
+            jobs.resume(run.run_id, runs_root())
         except ValueError as error:
             st.error(str(error))
-    if right.button("Kill", disabled=state != "running", key="kill",
+    if right.button("Kill", disabled=state is not State.RUNNING, key="kill",
                     help="End the worker at once, if Stop does not respond."):
-        jobs.kill(run["run_id"], runs_root())
+        jobs.kill(run.run_id, runs_root())
+
+
+STATE_LINES = {State.RUNNING: st.info, State.QUEUED: st.info, State.FINISHED: st.success,
+               State.STOPPED: st.warning, State.FAILED: st.error}
 
 
 @st.fragment(run_every=REFRESH_SECONDS)
 def live_view(run_path: str) -> None:
     """Redrawn every REFRESH_SECONDS from the run folder alone, so a reload simply reattaches."""
-    run = get_run(run_path)
-    status_line = {"running": st.info, "queued": st.info, "finished": st.success,
-                   "stopped": st.warning, "failed": st.error}.get(run["state"], st.info)
-    status_line(f"**{run['state'].upper()}** — {run['message']}")
+    # The one place this page decides liveness: a run whose worker died is recorded as failed.
+    run = jobs.reconcile(run_path)
+    STATE_LINES.get(run.state, st.info)(f"**{run.state.value.upper()}** — {run.message}")
     batches, epochs = metrics_frames(run_path)
-    epoch, total = run.get("epoch") or 0, run.get("epochs") or 0
+    epoch, total = run.epoch or 0, run.epochs or 0
+    running = run.state is State.RUNNING
     step_fraction = 0.0
-    if not batches.empty and run["state"] == "running":
+    if not batches.empty and running:
         last = batches.iloc[-1]
         step_fraction = float(last["step"]) / float(last["steps"]) if last["epoch"] == epoch else 0.0
-    done = ((epoch - 1 + step_fraction) / total) if total and run["state"] == "running" else (1.0 if run["state"] == "finished" else 0.0)
+    done = ((epoch - 1 + step_fraction) / total) if total and running else (1.0 if run.state is State.FINISHED else 0.0)
     st.progress(min(max(done, 0.0), 1.0))
     first, second, third, fourth = st.columns(4)
     first.metric("Epoch", f"{epoch or '–'} / {total or '–'}")
-    eta = run.get("eta_seconds")
-    second.metric("Time left", "–" if eta is None or run["state"] != "running" else f"{eta:.0f} s",
+    eta = run.eta_seconds
+    second.metric("Time left", "–" if eta is None or not running else f"{eta:.0f} s",
                   help="Estimated from the speed of the batches so far.")
     speed = None if batches.empty else batches.iloc[-1].get("images_per_second")
     third.metric("Images / second", "–" if speed is None else f"{speed:.0f}")
-    best = run.get("best_val_accuracy")
+    best = run.best_val_accuracy
     fourth.metric("Best validation accuracy", "–" if best is None else f"{best:.1%}",
                   help="Share of held-out images classified correctly, best epoch so far.")
     controls(run)
@@ -80,16 +84,16 @@ def live_view(run_path: str) -> None:
     left.plotly_chart(curve_figure(batches, epochs, "loss", "Loss (lower is better)", boundary), key="loss_chart")
     right.plotly_chart(curve_figure(batches, epochs, "accuracy", "Accuracy", boundary), key="accuracy_chart")
     with st.expander("Worker log (last lines)"):
-        st.code(log_tail(run_path) or "(empty)", language=None)
+        st.code(jobs.logs(run_path) or "(empty)", language=None)
 
 
 def compare(runs: list[dict], current: dict) -> None:
     others = st.multiselect("Overlay other runs (validation accuracy per epoch)",
-                            [run["run_id"] for run in runs if run["run_id"] != current["run_id"]])
+                            [run.run_id for run in runs if run.run_id != current.run_id])
     if not others:
         return
     figure = go.Figure()
-    for run_id in [current["run_id"]] + others:
+    for run_id in [current.run_id] + others:
         _, epochs = metrics_frames(runs_root() / run_id)
         if not epochs.empty:
             figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs["val_accuracy"], mode="lines+markers", name=run_id))
@@ -104,5 +108,5 @@ if not runs:
     st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 current = pick_run(runs, key="monitor_run", show_state=False)  # the live view below shows the state
-live_view(current["path"])
+live_view(current.path)
 compare(runs, current)

@@ -52,7 +52,7 @@ top_k = st.slider("Classes to show", 1, 10, 3)
 if not uploads:
     st.caption("Upload one or more images to see what the model thinks.")
     st.stop()
-for number, result in enumerate(predict(run["path"], uploads, top_k)):
+for number, result in enumerate(predict(run.path, uploads, top_k)):
     left, right = st.columns([1, 2])
     left.image(result["bytes"], caption=result["name"], width=240)
     with right:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +113,28 @@ def wait_until(predicate, timeout=120.0, interval=0.2, what="condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+# The files every finished run folder holds.
+RUN_FILES = ["config.json", "status.json", "data_report.json", "split.csv", "metrics.jsonl", "model.keras",
+             "labels.json", "evaluation.json", "predictions.csv", "worker.log"]
+
+
+def tiny_config(data_path, **overrides):
+    """A fast config: MobileNet α=0.25 at 32 px from random weights."""
+    from engine.config import RunConfig
+
+    values = {"data.path": str(data_path), "model.backbone": "MobileNet", "model.alpha": 0.25,
+              "model.weights": "none", "model.image_size": 32, "training.epochs": 2,
+              "training.batch_size": 8, "training.learning_rate": 0.01}
+    values.update(overrides)
+    return RunConfig().replace(**values)
+
+
+def run_cli(*arguments, env=None, timeout=600):
+    """Runs `python -m engine ...` in a fresh process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, arguments)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
 def job_config(data, epochs=200, **overrides):
     """A small run for job and fault tests: MobileNet α=0.25 at 48 px from random weights."""
     from engine.config import RunConfig
@@ -118,6 +143,43 @@ def job_config(data, epochs=200, **overrides):
               "model.image_size": 48, "training.epochs": epochs, "training.batch_size": 4}
     values.update(overrides)
     return RunConfig().replace(**values)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """60 images in two classes, for job and fault tests (decoding pauses half-way, at the 30th)."""
+    return make_dataset(tmp_path / "data", per_class=30)
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    """A runs root for tests that start workers; every worker still running afterwards is killed.
+
+    A failed assertion must not leave a paused or endless worker behind, and each test
+    cleans up the processes it started (worker and supervisor share a process group).
+    """
+    root = tmp_path / "runs"
+    yield root
+    from engine.executors import lock_is_held
+    from engine.status import State, read_status
+
+    for run_dir in root.glob("*/"):
+        status = read_status(run_dir)
+        # (A run trained inside this test process is never killed: its pid is pytest's own.)
+        if status.state is State.RUNNING and status.pid not in (None, os.getpid()) and lock_is_held(run_dir):
+            try:
+                os.killpg(os.getpgid(int(status.pid)), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def slower_epochs(monkeypatch):
+    """Every epoch sleeps a little (a test-only fault): a stop, a kill or a check meant to land
+    mid-run must not race a few hundred head epochs that take milliseconds each on cached features."""
+    from engine.runfiles import FAULT_VARIABLE
+
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")
 
 
 def epoch_events(run_dir):

@@ -32,7 +32,7 @@ def test_reading_runs_does_not_import_tensorflow(tmp_path):
     create_run(RunConfig().replace(**{"data.path": "/data/x"}), tmp_path)
     code = (
         "import sys; from engine.runs import list_runs, get_run; "
-        f"runs = list_runs({str(tmp_path)!r}); get_run(runs[0]['path']); "
+        f"runs = list_runs({str(tmp_path)!r}); get_run(runs[0].path); "
         "import engine.backbones, engine.config, engine.data; engine.backbones.weights_status(); "
         "bad = [name for name in ('tensorflow', 'keras') if name in sys.modules]; "
         "print(len(runs), bad); sys.exit(1 if bad else 0)"

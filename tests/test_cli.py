@@ -9,13 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from tests.conftest import REPO_ROOT, make_dataset
-
-
-def run_cli(*arguments, env=None, timeout=600):
-    """Runs `python -m engine ...` in a fresh process, as a user would."""
-    return subprocess.run([sys.executable, "-m", "engine", *map(str, arguments)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+from tests.conftest import REPO_ROOT, make_dataset, run_cli
 
 
 @pytest.mark.training

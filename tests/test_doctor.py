@@ -709,7 +709,7 @@ def test_broken_files_are_excluded_and_odd_files_are_trained(tmp_path):
     odd = {**write_odd(root / "cats" / "odd", RED), **write_odd(root / "dogs" / "odd", BLUE)}
     not_utf8 = write_image(non_utf8_path(root / "cats"), RED, noise_seed=99)
     run_dir = create_run(tiny_config(root), tmp_path / "runs")
-    assert run_training(run_dir) == "finished", runfiles.read_json(run_dir / "status.json")
+    assert run_training(run_dir).value == "finished", runfiles.read_json(run_dir / "status.json")
     trained = {row["path"] for row in runfiles.read_csv(run_dir / "split.csv")}
     assert str(not_utf8) in trained  # written back as its own bytes, read back as the same path
     for class_name in ("cats", "dogs"):

@@ -24,45 +24,18 @@ import pytest
 from engine import jobs, runfiles
 from engine.interpret import log_tail, metrics_frames
 from engine.runs import get_run, list_runs, read_status
+from engine.status import Stage, State
 from engine.train import FAULT_VARIABLE, run_training
 from tests.conftest import epoch_events, job_config, make_dataset, wait_until as shared_wait_until
 
-pytestmark = pytest.mark.training
+pytestmark = [pytest.mark.training, pytest.mark.usefixtures("slower_epochs")]
 
 # Order of states in one launch of a run: a state may only move forward, and a final one never changes.
-STATE_RANK = {"queued": 0, "running": 1, "finished": 2, "failed": 2, "stopped": 2}
-HEAD = "phase 1: training the new head"
+STATE_RANK = {State.QUEUED: 0, State.RUNNING: 1, State.FINISHED: 2, State.FAILED: 2, State.STOPPED: 2}
 
 
 # Head epochs on tiny data take milliseconds: poll often, so a kill lands in the phase meant.
 wait_until = functools.partial(shared_wait_until, timeout=90.0, interval=0.05)
-
-
-@pytest.fixture(autouse=True)
-def slower_epochs(monkeypatch):
-    """Every epoch sleeps a little (a test-only fault): a kill, a stop or a check meant to land
-    mid-run must not race a few hundred head epochs that take milliseconds each."""
-    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")
-
-
-@pytest.fixture
-def data(tmp_path):
-    # 60 images: the decoding threads pause at the 30th, half-way through the cache.
-    return make_dataset(tmp_path / "data", per_class=30)
-
-
-@pytest.fixture
-def runs_dir(tmp_path):
-    root = tmp_path / "runs"
-    yield root
-    # A failed assertion must not leave a paused worker behind: kill whatever still runs.
-    for run_dir in root.glob("*/"):
-        status = read_status(run_dir)
-        if status.get("state") == "running" and status.get("pid") and jobs.lock_is_held(run_dir):
-            try:
-                os.kill(int(status["pid"]), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 @pytest.fixture
@@ -84,7 +57,7 @@ def wait_for_log(run_dir, text, timeout=60.0):
 
 def kill_worker(run_dir):
     """SIGKILL the worker process (its supervisor lives on and records the kill)."""
-    os.kill(int(jobs.refresh(run_dir)["pid"]), signal.SIGKILL)
+    os.kill(int(jobs.reconcile(run_dir).pid), signal.SIGKILL)
 
 
 def final_status(run_dir, timeout=120.0):
@@ -95,13 +68,13 @@ def assert_readable(run_dir, state):
     """Every reader reads the folder without raising, and they agree on `state`."""
     run_dir = Path(run_dir)
     summary = get_run(run_dir)
-    assert summary["state"] == state, summary
-    assert read_status(run_dir)["state"] == state
-    assert [run["state"] for run in list_runs(run_dir.parent) if run["run_id"] == run_dir.name] == [state]
+    assert summary.state == state, summary
+    assert read_status(run_dir).state == state
+    assert [run.state for run in list_runs(run_dir.parent) if run.run_id == run_dir.name] == [state]
     runfiles.read_jsonl(run_dir / "metrics.jsonl")
     metrics_frames(run_dir)
     log_tail(run_dir)
-    message = summary["message"]
+    message = summary.message
     assert message and "\n" not in message and len(message) <= 400, message
     return summary
 
@@ -138,8 +111,8 @@ def kill_and_expect_failed(run_dir):
     """SIGKILLs the worker; the run must read `failed`, stay readable and hold no model.keras."""
     kill_worker(run_dir)
     status = final_status(run_dir, timeout=15)
-    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
-    assert_readable(run_dir, "failed")
+    assert status.state is State.FAILED and "killed by signal 9" in status.message, status
+    assert_readable(run_dir, State.FAILED)
     assert not (run_dir / "model.keras").exists()
 
 
@@ -148,15 +121,15 @@ def test_killed_while_caching_the_images_reads_failed_and_resumes(data, runs_dir
     run_id = jobs.start(config_for(data), runs_dir)
     run_dir = runs_dir / run_id
     wait_for_log(run_dir, "paused at decoding")
-    assert jobs.refresh(run_dir)["phase"] == "checking data"
+    assert jobs.reconcile(run_dir).stage is Stage.PREPARING_DATA
     # Half-way: the images are in a temporary file, nothing under the cache's final name yet.
     assert list((cache_dir / "images").glob(".*.npy.tmp")) and not list((cache_dir / "images").glob("*.npy"))
     kill_and_expect_failed(run_dir)
 
     monkeypatch.delenv(FAULT_VARIABLE)
     jobs.resume(run_id, runs_dir)
-    assert final_status(run_dir)["state"] == "finished"
-    assert_readable(run_dir, "finished")
+    assert final_status(run_dir).state is State.FINISHED
+    assert_readable(run_dir, State.FINISHED)
     # Nothing to resume from (no epoch had finished): the run starts over, on a sound image cache.
     assert_epochs_counted_on(run_dir, 3, resumes=0)
     arrays = list((cache_dir / "images").glob("[!.]*.npy"))
@@ -169,19 +142,19 @@ def test_killed_in_phase_one_reads_failed_and_resumes_counting_on(data, runs_dir
     run_id = jobs.start(config_for(data, epochs=100), runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: len(epoch_events(run_dir)) >= 3, what="three head epochs")
-    assert jobs.refresh(run_dir)["phase"] == HEAD
+    assert jobs.reconcile(run_dir).stage is Stage.TRAINING_HEAD
     kill_worker(run_dir)
 
     status = final_status(run_dir, timeout=15)
-    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
-    assert_readable(run_dir, "failed")
+    assert status.state is State.FAILED and "killed by signal 9" in status.message, status
+    assert_readable(run_dir, State.FAILED)
     killed_after = epoch_events(run_dir)[-1]["epoch"]
     assert killed_after < 100
 
     jobs.resume(run_id, runs_dir)
     final = final_status(run_dir)
-    assert final["state"] == "finished" and final["message"].startswith("Finished after 100 epochs"), final
-    assert_readable(run_dir, "finished")
+    assert final.state is State.FINISHED and final.message.startswith("Finished after 100 epochs"), final
+    assert_readable(run_dir, State.FINISHED)
     assert_epochs_counted_on(run_dir, 100)
     resume = next(event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "resume")
     # The checkpoint is saved before the epoch's event, so it is at most one epoch ahead of the metrics.
@@ -195,16 +168,16 @@ def test_killed_while_fine_tuning_reads_failed_and_resumes_in_phase_two(data, ru
     run_id = jobs.start(config, runs_dir)
     run_dir = runs_dir / run_id
     wait_until(lambda: any(event["phase"] == 2 for event in epoch_events(run_dir)), what="a fine-tuning epoch")
-    assert jobs.refresh(run_dir)["phase"] == "phase 2: fine-tuning"
+    assert jobs.reconcile(run_dir).stage is Stage.FINE_TUNING
     kill_worker(run_dir)
 
     status = final_status(run_dir, timeout=15)
-    assert status["state"] == "failed" and "killed by signal 9" in status["message"], status
-    assert_readable(run_dir, "failed")
+    assert status.state is State.FAILED and "killed by signal 9" in status.message, status
+    assert_readable(run_dir, State.FAILED)
 
     jobs.resume(run_id, runs_dir)
-    assert final_status(run_dir)["state"] == "finished"
-    assert_readable(run_dir, "finished")
+    assert final_status(run_dir).state is State.FINISHED
+    assert_readable(run_dir, State.FINISHED)
     assert_epochs_counted_on(run_dir, 10)
     assert all(event["phase"] == (1 if event["epoch"] <= 2 else 2) for event in epoch_events(run_dir))
     resume = next(event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "resume")
@@ -217,8 +190,8 @@ def test_killed_while_saving_leaves_no_model_and_resumes_to_a_whole_one(data, ru
     run_id = jobs.start(config_for(data, epochs=2), runs_dir)
     run_dir = runs_dir / run_id
     wait_for_log(run_dir, "paused at saving")
-    status = jobs.refresh(run_dir)
-    assert status["phase"] == "saving"
+    status = jobs.reconcile(run_dir)
+    assert status.stage is Stage.SAVING
     # Written under its temporary name, not yet renamed: the moment a kill must not leave half a model.
     assert (run_dir / f".{status['pid']}.model.keras").is_file() and not (run_dir / "model.keras").exists()
     kill_and_expect_failed(run_dir)
@@ -226,8 +199,8 @@ def test_killed_while_saving_leaves_no_model_and_resumes_to_a_whole_one(data, ru
     monkeypatch.delenv(FAULT_VARIABLE)
     jobs.resume(run_id, runs_dir)
     final = final_status(run_dir)
-    assert final["state"] == "finished" and final["message"].startswith("Finished after 2 epochs"), final
-    assert_readable(run_dir, "finished")
+    assert final.state is State.FINISHED and final.message.startswith("Finished after 2 epochs"), final
+    assert_readable(run_dir, State.FINISHED)
     assert_epochs_counted_on(run_dir, 2)
     assert_complete_zip(run_dir / "model.keras")
     assert_no_dead_saves(run_dir)  # the killed save's temporary is removed by the next worker
@@ -266,24 +239,24 @@ def test_a_failed_model_write_keeps_the_old_model_or_none(data, runs_dir, monkey
         return state
 
     # The first save fails (the stop path saves too): no model.keras at all, never half of one.
-    assert run("saving:fail", stop_after_epochs=2) == "failed"
-    status = assert_readable(run_dir, "failed")
-    assert "No space left on device" in status["message"] and read_status(run_dir)["error"] == status["message"]
+    assert run("saving:fail", stop_after_epochs=2) is State.FAILED
+    status = assert_readable(run_dir, State.FAILED)
+    assert "No space left on device" in status.message and read_status(run_dir).error == status.message
     log = log_text(run_dir)
     assert "Traceback" in log and "OSError: [Errno 28]" in log
     assert not (run_dir / "model.keras").exists()
     assert_no_temporaries(run_dir)
 
     # Resumed, it stops cleanly with a model; a later failed save must leave that model byte for byte.
-    assert run(stop_after_epochs=2) == "stopped"
+    assert run(stop_after_epochs=2) is State.STOPPED
     old_model = (run_dir / "model.keras").read_bytes()
-    assert run("saving:fail") == "failed"
-    assert_readable(run_dir, "failed")
+    assert run("saving:fail") is State.FAILED
+    assert_readable(run_dir, State.FAILED)
     assert (run_dir / "model.keras").read_bytes() == old_model
     assert_no_temporaries(run_dir)
 
-    assert run() == "finished"
-    assert_readable(run_dir, "finished")
+    assert run() is State.FINISHED
+    assert_readable(run_dir, State.FINISHED)
     assert_epochs_counted_on(run_dir, 40, resumes=3)
     assert_complete_zip(run_dir / "model.keras")
     assert (run_dir / "model.keras").read_bytes() != old_model
@@ -311,29 +284,29 @@ def test_status_and_metrics_corrupted_by_hand_read_as_unknown_or_repaired(data, 
     for text in corruptions:
         (run_dir / "status.json").write_bytes(text)  # by hand, not atomically
         summary = get_run(run_dir)
-        assert summary["state"] in ("unknown", "running"), (text, summary)
-        assert read_status(run_dir)["state"] in ("unknown", "running")
+        assert summary.state in (State.UNKNOWN, State.RUNNING), (text, summary)
+        assert read_status(run_dir).state in (State.UNKNOWN, State.RUNNING)
         list_runs(runs_dir)
         # The worker keeps the whole status in memory: its next write (the heartbeat, within 1 s) repairs the file.
         repaired = wait_until(lambda: repaired_status(run_dir, run_id), timeout=5, what="status.json repaired")
-        assert repaired["state"] == "running" and repaired["created"]
+        assert repaired.state is State.RUNNING and repaired.created
 
     with open(run_dir / "metrics.jsonl", "ab") as handle:
         handle.write(b'not json\n{"type": "epoch", "epo\n\xff\xfe\x00\n[1, 2]\n42\n')
     assert all(isinstance(event, dict) for event in runfiles.read_jsonl(run_dir / "metrics.jsonl"))
     metrics_frames(run_dir)
-    assert jobs.refresh(run_dir)["phase"] == HEAD  # all of it while the worker was writing
+    assert jobs.reconcile(run_dir).stage is Stage.TRAINING_HEAD  # all of it while the worker was writing
 
     final = final_status(run_dir)
-    assert final["state"] == "finished", final
-    assert_readable(run_dir, "finished")
+    assert final.state is State.FINISHED, final
+    assert_readable(run_dir, State.FINISHED)
     # The bad lines are skipped; not one real event was lost to them.
     assert [event["epoch"] for event in epoch_events(run_dir)] == list(range(1, 151))
-    assert get_run(run_dir)["best_val_accuracy"] is not None
+    assert get_run(run_dir).best_val_accuracy is not None
 
     # A finished run's status corrupted by hand reads as unknown, and stays so (no worker repairs it).
     (run_dir / "status.json").write_text('{"state": "finis')
-    assert get_run(run_dir)["state"] == "unknown" and jobs.refresh(run_dir)["state"] == "unknown"
+    assert get_run(run_dir).state is State.UNKNOWN and jobs.reconcile(run_dir).state is State.UNKNOWN
 
 
 def test_the_data_folder_vanishing_mid_run(data, runs_dir, tmp_path, monkeypatch):
@@ -351,17 +324,17 @@ def test_the_data_folder_vanishing_mid_run(data, runs_dir, tmp_path, monkeypatch
     release.write_text("go\n")
     wait_until(lambda: len(epoch_events(late)) >= 2, what="two epochs of the late run")
     shutil.rmtree(late_data)
-    assert jobs.refresh(late)["phase"] == HEAD
+    assert jobs.reconcile(late).stage is Stage.TRAINING_HEAD
 
     status = final_status(early)
-    assert status["state"] == "failed", status
-    assert str(data) in status["message"] and "disappeared" in status["message"], status["message"]
-    assert_readable(early, "failed")
+    assert status.state is State.FAILED, status
+    assert str(data) in status.message and "disappeared" in status.message, status.message
+    assert_readable(early, State.FAILED)
     assert not (early / "model.keras").exists()
 
     # Training and evaluation read the decoded image cache, never the folder again.
-    assert final_status(late)["state"] == "finished"
-    assert_readable(late, "finished")
+    assert final_status(late).state is State.FINISHED
+    assert_readable(late, State.FINISHED)
     assert runfiles.read_json(late / "evaluation.json")["splits"]["validation"]["num_images"] == 6
 
     # The folder comes back as it was (the same fingerprint): nothing the vanished read saw was
@@ -369,7 +342,7 @@ def test_the_data_folder_vanishing_mid_run(data, runs_dir, tmp_path, monkeypatch
     monkeypatch.delenv(FAULT_VARIABLE)
     shutil.copytree(backup, data)
     again = runs_dir / jobs.start(config_for(data, epochs=2), runs_dir)
-    assert final_status(again)["state"] == "finished"
+    assert final_status(again).state is State.FINISHED
     assert runfiles.read_json(again / "data_report.json")["excluded"] == []
 
 
@@ -398,8 +371,8 @@ def test_two_runs_started_together_on_the_same_data_share_the_caches(data, runs_
     # ...and are let go at the same moment, to finish, rename and compute features side by side.
     release.write_text("go\n")
     for run_id in ids:
-        assert final_status(runs_dir / run_id)["state"] == "finished"
-        assert_readable(runs_dir / run_id, "finished")
+        assert final_status(runs_dir / run_id).state is State.FINISHED
+        assert_readable(runs_dir / run_id, State.FINISHED)
         assert_epochs_counted_on(runs_dir / run_id, 4, resumes=0)
 
     assert_no_temporaries(cache_dir)
@@ -444,13 +417,13 @@ class Poller:
                 running = 0
                 for run_dir in self.run_dirs:
                     run = get_run(run_dir)
-                    running += run["state"] == "running"
+                    running += run.state is State.RUNNING
                     status = read_status(run_dir)
                     records = runfiles.read_jsonl(run_dir / "metrics.jsonl")
                     if self.full_page:
                         metrics_frames(run_dir)
                         log_tail(run_dir)
-                    self.seen[run_dir.name].append((run["state"], status["state"]))
+                    self.seen[run_dir.name].append((run.state, status.state))
                     self.record_counts[run_dir.name].append(len(records))
                 if self.full_page:
                     list_runs(self.run_dirs[0].parent)
@@ -465,7 +438,7 @@ class Poller:
         assert not self.errors, self.errors[0]
         for name, seen in self.seen.items():
             states = [state for pair in seen for state in pair]
-            assert "unknown" not in states, name
+            assert State.UNKNOWN not in states, name
             ranks = [STATE_RANK[state] for state in states]
             assert all(a <= b for a, b in zip(ranks, ranks[1:])), f"{name} went backwards: {states}"
             assert all(state == final_states[name] for state in states if STATE_RANK[state] == 2), (name, states)
@@ -482,8 +455,8 @@ def test_twenty_polls_a_second_on_a_writing_run_never_fail_nor_go_back(data, run
         final = final_status(run_dir)
         time.sleep(0.5)
     seconds = time.time() - began
-    poller.check({run_dir.name: final["state"]})
-    assert final["state"] == "finished"
+    poller.check({run_dir.name: final.state})
+    assert final.state is State.FINISHED
     assert len(poller.latencies) >= 12 * seconds, (len(poller.latencies), seconds)  # ~20/s, allowing slow reads
     phases = {event["phase"] for event in epoch_events(run_dir)}
     assert phases == {1, 2}
@@ -496,8 +469,8 @@ def test_load_three_concurrent_runs_polled_every_quarter_second(data, runs_dir):
     with Poller(run_dirs, interval=0.25, full_page=False) as poller:
         finals = {run_dir.name: final_status(run_dir, timeout=180) for run_dir in run_dirs}
         time.sleep(0.5)
-    assert all(status["state"] == "finished" for status in finals.values()), finals
-    poller.check({name: status["state"] for name, status in finals.items()})
+    assert all(status.state is State.FINISHED for status in finals.values()), finals
+    poller.check({name: status.state for name, status in finals.items()})
     assert poller.all_running, "the three runs never ran at the same time"
     assert statistics.median(poller.latencies) < 0.25
 

@@ -13,8 +13,9 @@ from engine.config import RunConfig
 from engine.data import scan_dataset
 from engine.features import feature_cache_key
 from engine.runs import create_run
+from engine.status import State
 from engine.train import run_training
-from tests.test_training import RUN_FILES, tiny_config
+from tests.conftest import RUN_FILES, tiny_config
 
 pytestmark = pytest.mark.training
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.training
 def train(config, tmp_path):
     run_dir = create_run(config, tmp_path / "runs")
     state = run_training(run_dir)
-    assert state == "finished", runfiles.read_json(run_dir / "status.json")
+    assert state is State.FINISHED, runfiles.read_json(run_dir / "status.json")
     return run_dir
 
 
@@ -193,7 +194,7 @@ def test_checkpoint_and_best_model_are_full_models_and_a_head_checkpoint_resumes
     run_dir = create_run(config.replace(**{"training.epochs": 4}), tmp_path / "runs")
     for name in ("checkpoint.keras", "checkpoint.json", "split.csv", "data_report.json", "metrics.jsonl"):
         shutil.copy(interrupted / name, run_dir / name)
-    assert run_training(run_dir) == "finished"
+    assert run_training(run_dir) is State.FINISHED
     events = runfiles.read_jsonl(run_dir / "metrics.jsonl")
     assert [event["epoch"] for event in events if event["type"] == "resume"] == [2]
     assert [event["epoch"] for event in events if event["type"] == "epoch"] == [1, 2, 3, 4]

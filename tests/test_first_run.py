@@ -10,6 +10,7 @@ from engine import runfiles
 from engine.config import RunConfig, with_offline_backbone
 from engine.runs import create_run
 from engine.samples import ensure_sample
+from engine.status import State
 from engine.train import run_training
 
 pytestmark = pytest.mark.training
@@ -22,7 +23,7 @@ def test_digits_with_the_default_settings_reaches_093_with_real_imagenet_feature
     # What the Train page preselects on a fresh install: the backbone whose weights come with the app.
     assert (config.model.backbone, config.model.weights) == ("EfficientNetLite0", "imagenet")
     run_dir = create_run(config, tmp_path / "runs")
-    assert run_training(run_dir) == "finished", runfiles.read_json(run_dir / "status.json")
+    assert run_training(run_dir) is State.FINISHED, runfiles.read_json(run_dir / "status.json")
     validation = runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]
     print(f"digits, defaults: validation accuracy {validation['accuracy']:.3f}")
     assert validation["accuracy"] >= 0.93

@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 from engine import jobs, runfiles
 from engine.config import RunConfig
 from engine.runs import create_run
+from engine.status import State
 from engine.train import run_training
 from tests.conftest import REPO_ROOT, make_dataset
 
@@ -26,7 +27,7 @@ def finished_run(tmp_path_factory):
                                     "model.weights": "none", "model.image_size": 32, "training.epochs": 2,
                                     "training.batch_size": 8, "data.cache": "memory"})
     run_dir = create_run(config, base / "runs")
-    assert run_training(run_dir) == "finished"
+    assert run_training(run_dir) is State.FINISHED
     return run_dir
 
 
@@ -127,7 +128,7 @@ def test_train_form_starts_a_real_run_through_the_queue(app_environment):
     assert (config.model.backbone, config.model.alpha, config.model.image_size) == ("MobileNet", 0.25, 32)
     assert config.training.cached_features is False and config.augmentation.views == 3
     final = jobs.wait_for(runs[0].name, timeout=180, runs_dir=app_environment / "runs")
-    assert final["state"] == "finished", final
+    assert final.state is State.FINISHED, final
     assert "every image through the base every epoch" in (runs[0] / "worker.log").read_text()
 
 
@@ -168,7 +169,7 @@ def test_home_lists_a_running_run_and_reattaches_from_a_new_session(app_environm
     monitor = open_page("pages/monitor.py")  # a new session: nothing remembered but the run folder
     assert "RUNNING" in monitor.info[0].value
     monitor.button(key="stop").click().run()
-    assert jobs.wait_for(run_id, timeout=60, runs_dir=app_environment / "runs")["state"] == "stopped"
+    assert jobs.wait_for(run_id, timeout=60, runs_dir=app_environment / "runs").state is State.STOPPED
 
 
 def test_train_form_names_missing_imagenet_weights_before_starting(app_environment):

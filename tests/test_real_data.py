@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from engine import runfiles
-from tests.test_cli import run_cli
-from tests.test_training import RUN_FILES
+from engine.status import Stage, State
+from tests.conftest import RUN_FILES, run_cli
 
 pytestmark = [pytest.mark.real_data, pytest.mark.training]
 
@@ -84,14 +84,14 @@ def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_
         if len([event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "batch"]) >= 3:
             break
         time.sleep(0.5)
-    status = jobs.refresh(run_dir)
-    assert status["state"] == "running" and time.time() - status["heartbeat"] < 3
+    status = jobs.reconcile(run_dir)
+    assert status.state is State.RUNNING and time.time() - status.heartbeat < 3
     asked = time.time()
     jobs.stop(run_id, runs_dir)
     final = jobs.wait_for(run_id, timeout=60, runs_dir=runs_dir, poll_seconds=0.2)
     took = time.time() - asked
     print(f"stop took {took:.1f} s")
-    assert final["state"] == "stopped" and took < 10
+    assert final.state is State.STOPPED and took < 10
     assert (run_dir / "model.keras").is_file()
     assert runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["num_images"] == 1000
 
@@ -120,14 +120,14 @@ def test_stop_while_computing_features_ends_stopped_and_keeps_the_run_folder(sha
     run_id = jobs.start(config, runs_dir)
     run_dir = runs_dir / run_id
     deadline = time.time() + 300
-    while time.time() < deadline and not jobs.refresh(run_dir).get("message", "").startswith("Computing features:"):
+    while time.time() < deadline and not jobs.reconcile(run_dir).message.startswith("Computing features:"):
         time.sleep(0.2)
-    assert jobs.refresh(run_dir)["phase"] == "computing features"
+    assert jobs.reconcile(run_dir).stage is Stage.COMPUTING_FEATURES
     asked = time.time()
     jobs.stop(run_id, runs_dir)
     final = jobs.wait_for(run_id, timeout=60, runs_dir=runs_dir, poll_seconds=0.2)
     print(f"stop during feature extraction took {time.time() - asked:.1f} s")
-    assert final["state"] == "stopped" and final["message"] == "Stopped before training began."
+    assert final.state is State.STOPPED and final.message == "Stopped before training began."
     assert time.time() - asked < 10
     for name in ("config.json", "status.json", "data_report.json", "split.csv", "worker.log"):
         assert (run_dir / name).is_file(), name

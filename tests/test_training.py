@@ -10,23 +10,12 @@ import pytest
 from engine import runfiles
 from engine.config import RunConfig
 from engine.runs import create_run, get_run, list_runs
+from engine.status import State
 from engine.train import run_training
+from tests.conftest import RUN_FILES, tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.training
-
-RUN_FILES = ["config.json", "status.json", "data_report.json", "split.csv", "metrics.jsonl", "model.keras",
-             "labels.json", "evaluation.json", "predictions.csv", "worker.log"]
-
-
-def tiny_config(data_path, **overrides) -> RunConfig:
-    """A fast config: MobileNet α=0.25 at 32 px from random weights."""
-    values = {"data.path": str(data_path), "model.backbone": "MobileNet", "model.alpha": 0.25,
-              "model.weights": "none", "model.image_size": 32, "training.epochs": 2,
-              "training.batch_size": 8, "training.learning_rate": 0.01}
-    values.update(overrides)
-    return RunConfig().replace(**values)
-
 
 def train(config, tmp_path):
     run_dir = create_run(config, tmp_path / "runs")
@@ -36,12 +25,13 @@ def train(config, tmp_path):
 
 def test_run_folder_holds_every_file_with_the_documented_content(tiny_dataset, tmp_path):
     run_dir, state = train(tiny_config(tiny_dataset), tmp_path)
-    assert state == "finished", runfiles.read_json(run_dir / "status.json")
+    assert state is State.FINISHED, runfiles.read_json(run_dir / "status.json")
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), f"{name} missing"
 
     status = runfiles.read_json(run_dir / "status.json")
     assert status["state"] == "finished" and status["epoch"] == 2 and "validation accuracy" in status["message"]
+    assert status["stage"] == "done" and status["best_val_accuracy"] is not None and status["backbone"] == "MobileNet"
     assert RunConfig.load(run_dir / "config.json") == tiny_config(tiny_dataset)
 
     split_rows = list(csv.DictReader(open(run_dir / "split.csv")))
@@ -65,8 +55,8 @@ def test_run_folder_holds_every_file_with_the_documented_content(tiny_dataset, t
     assert runfiles.read_json(run_dir / "labels.json") == {"classes": ["cats", "dogs"]}
 
     summary = get_run(run_dir)
-    assert summary["state"] == "finished" and summary["backbone"] == "MobileNet"
-    assert [run["run_id"] for run in list_runs(tmp_path / "runs")] == [run_dir.name]
+    assert summary.state is State.FINISHED and summary.backbone == "MobileNet"
+    assert [run.run_id for run in list_runs(tmp_path / "runs")] == [run_dir.name]
 
 
 def test_saved_model_takes_raw_images_and_agrees_with_predictions_csv(tiny_dataset, tmp_path):
@@ -74,7 +64,7 @@ def test_saved_model_takes_raw_images_and_agrees_with_predictions_csv(tiny_datas
     from engine.predict import load_run_model, predict_images
 
     run_dir, state = train(tiny_config(tiny_dataset), tmp_path)
-    assert state == "finished"
+    assert state is State.FINISHED
     model, classes, image_size = load_run_model(run_dir)
     assert image_size == 32
     rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
@@ -101,7 +91,7 @@ def test_three_classes_with_every_callback_augmentation_and_class_weights(tiny_t
         "callbacks.reduce_lr.patience": 0, "data.cache": "memory",
     })
     run_dir, state = train(config, tmp_path)
-    assert state == "finished", runfiles.read_json(run_dir / "status.json")
+    assert state is State.FINISHED, runfiles.read_json(run_dir / "status.json")
     assert (run_dir / "best.keras").is_file()
     evaluation = runfiles.read_json(run_dir / "evaluation.json")
     assert np.array(evaluation["splits"]["test"]["confusion_matrix"]).shape == (3, 3)
@@ -116,7 +106,7 @@ def test_fine_tuning_counts_epochs_on_and_keeps_batchnorm_frozen(tiny_dataset, t
 
     run_dir, state = train(tiny_config(tiny_dataset, **{
         "training.epochs": 2, "fine_tuning.layers": 10, "fine_tuning.epochs": 2}), tmp_path)
-    assert state == "finished"
+    assert state is State.FINISHED
     epochs = [event for event in runfiles.read_jsonl(run_dir / "metrics.jsonl") if event["type"] == "epoch"]
     assert [(event["phase"], event["epoch"]) for event in epochs] == [(1, 1), (1, 2), (2, 3), (2, 4)]
     assert epochs[-1]["learning_rate"] == pytest.approx(1e-5)
@@ -138,14 +128,14 @@ def test_recipe_configs_run_end_to_end_with_random_weights(name, tiny_three_clas
         "training.epochs": 1, "fine_tuning.epochs": 1, "training.batch_size": 8,
     })
     run_dir, state = train(config, tmp_path)
-    assert state == "finished", runfiles.read_json(run_dir / "status.json")
+    assert state is State.FINISHED, runfiles.read_json(run_dir / "status.json")
     assert (run_dir / "model.keras").is_file() and (run_dir / "evaluation.json").is_file()
 
 
 def test_a_bad_file_is_excluded_and_the_rest_still_trains(tiny_dataset, tmp_path):
     (tiny_dataset / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     run_dir, state = train(tiny_config(tiny_dataset), tmp_path)
-    assert state == "finished"
+    assert state is State.FINISHED
     report = runfiles.read_json(run_dir / "data_report.json")
     assert [Path(item["path"]).name for item in report["excluded"]] == ["broken.jpg"]
     assert "broken.jpg" not in (run_dir / "split.csv").read_text()
@@ -157,7 +147,7 @@ def test_a_failed_run_keeps_its_status_and_log(tmp_path):
 
     data = make_dataset(tmp_path / "one_class", classes=("cats",), per_class=4)
     run_dir, state = train(tiny_config(data), tmp_path)
-    assert state == "failed"
+    assert state is State.FAILED
     status = runfiles.read_json(run_dir / "status.json")
     assert status["state"] == "failed"
     assert "At least two classes" in status["message"] and "\n" not in status["message"]

@@ -1,0 +1,235 @@
+"""Where a run's worker executes: one small interface, and the local implementation.
+
+An executor takes a run the queue has launched (its status `running`, stage `starting`,
+with a fresh `launch_id`) and runs `python -m engine worker RUN_DIR` for it somewhere.
+`engine.jobs` (the queue, and the calls users make) talks only to this interface, so a
+Ray executor, per-user permissions and the pages can change without touching each other
+or `engine/train.py`.
+
+The local executor starts a small supervisor, `python -m engine supervise RUN_DIR`, in
+a session of its own, so closing a tab, reloading a page or restarting the Streamlit
+server neither stops nor hides the run. The supervisor holds an exclusive lock on
+`RUN_DIR/worker.lock` (shared with the worker it spawns) for as long as either lives:
+anyone can tell whether a run's processes are alive by trying that lock, and the kernel
+releases it when they die, even by `kill -9`. When the worker ends, the supervisor
+records what happened (a crash or a kill becomes `failed` with a message).
+
+This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Protocol
+
+from engine import runfiles
+from engine.status import IllegalTransition, RunStatus, Stage, State, now_iso, read_status, transition
+
+LOCK_FILE = "worker.lock"
+# A launched supervisor takes well under a second to take its lock; this is the grace
+# period before a launched run whose lock is free is judged dead.
+START_GRACE_SECONDS = 20.0
+# Runs on another machine (shared runs folder) are judged by their heartbeat alone.
+REMOTE_HEARTBEAT_TIMEOUT_SECONDS = 8.0
+ENGINE_PARENT = str(Path(__file__).resolve().parents[1])
+
+
+class Executor(Protocol):
+    """What the queue needs from a place that runs workers."""
+
+    name: str
+
+    def submit(self, run_dir: Path) -> None:
+        """Starts the worker of a launched run (state running, stage starting) and returns."""
+
+    def state(self, run_dir: Path) -> RunStatus:
+        """The run's status after reconciling it with its processes (a dead worker's run becomes failed)."""
+
+    def stop(self, run_dir: Path) -> None:
+        """Asks the worker to stop cooperatively: finish the batch, save, evaluate."""
+
+    def kill(self, run_dir: Path) -> None:
+        """Ends the worker at once (the fallback when stop does not respond)."""
+
+    def logs(self, run_dir: Path, lines: int = 40) -> str:
+        """The last lines of the worker's log."""
+
+
+def child_environment() -> dict:
+    """This process's environment, with the engine importable whatever the child's working folder."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE_PARENT, environment.get("PYTHONPATH")]))
+    return environment
+
+
+class LocalExecutor:
+    """Runs workers as detached processes on this machine (supervisor + worker, see the module docstring)."""
+
+    name = "local"
+
+    def submit(self, run_dir: Path) -> None:
+        """Launches the run's supervisor, detached from this process."""
+        # The launcher exits at once after spawning the supervisor in a new session, so the
+        # supervisor is adopted by init and never lingers as a zombie of this process.
+        subprocess.run(
+            [sys.executable, "-m", "engine", "supervise", str(run_dir), "--detach"],
+            env=child_environment(), cwd=ENGINE_PARENT, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=60,
+        )
+
+    def state(self, run_dir: Path) -> RunStatus:
+        """Reconciles and returns the run's status: a running run whose processes are gone becomes failed."""
+        status = read_status(run_dir)
+        if status.state is not State.RUNNING:
+            return status
+        if status.host not in (None, socket.gethostname()):
+            age = time.time() - (status.heartbeat or 0.0)
+            if age <= REMOTE_HEARTBEAT_TIMEOUT_SECONDS:
+                return status
+            return mark_dead(run_dir, status, f"No heartbeat from host {status.host} for {age:.0f} s.")
+        if lock_is_held(run_dir):
+            return status
+        if status.stage is Stage.STARTING and status.pid is None \
+                and time.time() - (status.launched_at or 0.0) < START_GRACE_SECONDS:
+            return status
+        return mark_dead(run_dir, status, "The worker process ended without finishing (killed, out of memory or crashed).")
+
+    def stop(self, run_dir: Path) -> None:
+        """Writes the stop request the worker's callback reads after each batch."""
+        runfiles.atomic_write_text(Path(run_dir) / runfiles.STOP_REQUEST_FILE, _now_line())
+
+    def kill(self, run_dir: Path) -> None:
+        """SIGKILLs the worker; its supervisor records the run as failed, "Killed by the user."."""
+        runfiles.atomic_write_text(Path(run_dir) / runfiles.KILL_REQUEST_FILE, _now_line())
+        pid = read_status(run_dir).pid
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), signal.SIGKILL)
+
+    def logs(self, run_dir: Path, lines: int = 40) -> str:
+        """The last lines of `worker.log`, without TensorFlow's start-up noise."""
+        from engine.interpret import log_tail
+
+        return log_tail(run_dir, lines)
+
+
+def _now_line() -> str:
+    return now_iso() + "\n"
+
+
+def lock_is_held(run_dir: str | os.PathLike) -> bool:
+    """True while the run's supervisor or worker process is alive on this machine."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    try:
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def mark_dead(run_dir: str | os.PathLike, seen: RunStatus, message: str) -> RunStatus:
+    """Records a launch whose processes are gone as failed, unless it moved on meanwhile."""
+    run_dir = Path(run_dir)
+    # Take the worker lock so a worker finishing at this very moment cannot be overwritten.
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_status(run_dir)
+        try:
+            if (run_dir / runfiles.KILL_REQUEST_FILE).exists():
+                message = "Killed by the user."
+            return transition(run_dir, State.FAILED, stage=Stage.DONE, message=message, error=message,
+                              for_launch=seen.launch_id, expected={State.RUNNING}, finished=now_iso(),
+                              pid=None)
+        except IllegalTransition:
+            return read_status(run_dir)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def supervise(run_dir: str | os.PathLike) -> int:
+    """Runs the worker of `run_dir`'s current launch and records how it ended.
+
+    Returns:
+        0 when this supervisor ran the worker, 1 when another supervisor holds the run.
+    """
+    run_dir = Path(run_dir)
+    lock_handle = open(run_dir / LOCK_FILE, "a+")
+    # The previous supervisor of this run may still be writing its last status; wait for it.
+    if not _acquire_within(lock_handle, START_GRACE_SECONDS / 2):
+        lock_handle.close()
+        return 1
+    launch_id = read_status(run_dir).launch_id
+    environment = child_environment()
+    environment["TRANSFER_STUDIO_LOCK_INHERITED"] = "1"
+    with open(run_dir / runfiles.LOG_FILE, "a", encoding="utf-8") as log:
+        # The worker inherits the locked file, so the lock lives as long as either process.
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine", "worker", str(run_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment, cwd=ENGINE_PARENT,
+            pass_fds=(lock_handle.fileno(),),
+        )
+        return_code = worker.wait()
+    if (run_dir / runfiles.KILL_REQUEST_FILE).exists():
+        message = "Killed by the user."
+    elif return_code < 0:
+        message = f"The worker process was killed by signal {-return_code} ({_signal_name(-return_code)})."
+    else:
+        message = f"The worker process exited with code {return_code} before finishing; see worker.log."
+    # Only this launch is judged: a run the worker ended itself, or that was resumed since, is left alone.
+    with contextlib.suppress(IllegalTransition):
+        transition(run_dir, State.FAILED, stage=Stage.DONE, message=message, error=message, for_launch=launch_id,
+                   expected={State.RUNNING}, finished=now_iso(), pid=None)
+    fcntl.flock(lock_handle, fcntl.LOCK_UN)
+    lock_handle.close()
+    return 0
+
+
+def _acquire_within(handle, seconds: float) -> bool:
+    """Takes an exclusive lock on an open file, waiting at most `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.time() >= deadline:
+                return False
+            time.sleep(0.1)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def launch_detached_supervisor(run_dir: str | os.PathLike) -> None:
+    """Spawns `python -m engine supervise RUN_DIR` in a new session and returns at once."""
+    subprocess.Popen(
+        [sys.executable, "-m", "engine", "supervise", str(run_dir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd=ENGINE_PARENT, env=child_environment(),
+    )
+
+
+def executor_for(runs_dir: Optional[str | os.PathLike] = None) -> Executor:
+    """The executor runs of this runs root go to (the local one, until a Ray executor exists)."""
+    return LocalExecutor()
