@@ -6,8 +6,8 @@
 Not part of the test suite. One small finished run is trained with the engine (MobileNet α=0.25,
 random weights, 32 px, 2 epochs on a generated two-class dataset; a child process, offline), or
 taken from `--template`. Its `metrics.jsonl` is padded to about `--metrics-kb` KB with per-batch
-events like the ones the engine writes (each epoch gets a few hundred batches, with steps, times and
-losses that advance), as a long run's file would be. The run is then copied under a temporary
+events like the ones the engine writes (at 500 KB each of its 2 epochs gets about a thousand
+batches, with steps, times and losses that advance), as a long run's file would be. The run is then copied under a temporary
 runs root, growing it to each count in turn; each copy differs from the template only in its folder
 name (its run id). `metrics.jsonl` and the small files are plain copies, the saved models hard links.
 
@@ -23,7 +23,9 @@ For each count it measures, the median over `--repeats`:
 The last row divides the largest count's time by the smallest count's, per column; the target is
 at most 3× on every page and in the CLI. Every page is rendered once on a root holding one run
 before the clock starts, so Python's imports and plotly's first figure are not charged to the
-smallest count.
+smallest count. Under "Problems seen" it lists page exceptions and errors, a failed CLI, a page
+offering fewer runs than the root holds (its longest table or picker), and a `runs --json` listing
+with the wrong count or with fewer distinct run ids than folders.
 
 The script talks to the engine only through the CLI, AppTest, `create_run` and `run_training`,
 so it keeps working when the run listing changes inside. Everything it runs gets temporary
