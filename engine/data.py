@@ -307,9 +307,29 @@ def check_all(paths: list[str], progress=None, workers=None) -> list[dict]:
     return results
 
 
+def imbalance(class_counts: dict) -> dict:
+    """The largest and smallest classes with images, their ratio, and what to do about it.
+
+    Nothing is resampled or dropped: the suggestion is class weights, which the user chooses.
+    """
+    nonzero = {label: count for label, count in class_counts.items() if count > 0}
+    if len(nonzero) < 2:
+        return {"ratio": None, "largest": None, "smallest": None, "imbalanced": False, "suggestion": ""}
+    largest = max(nonzero, key=nonzero.get)
+    smallest = min(nonzero, key=nonzero.get)
+    ratio = nonzero[largest] / nonzero[smallest]
+    imbalanced = ratio >= IMBALANCE_WARNING_RATIO
+    suggestion = (
+        f"{largest} has {nonzero[largest]} images and {smallest} {nonzero[smallest]} ({ratio:.1f}×). "
+        "Train with class weights 'balanced' (Train page: class weights; CLI: --class-weight balanced) so "
+        "every class counts as much; the data are left as they are."
+    ) if imbalanced else ""
+    return {"ratio": round(ratio, 3), "largest": largest, "smallest": smallest, "imbalanced": imbalanced,
+            "suggestion": suggestion}
+
+
 def _add_balance_warnings(scan: DatasetScan) -> None:
     counts = scan.counts()["per_class"]
-    nonzero = {label: count for label, count in counts.items() if count > 0}
     if scan.layout == "split":
         given = scan.counts()["per_split"]
         for label in scan.classes:
@@ -317,15 +337,9 @@ def _add_balance_warnings(scan: DatasetScan) -> None:
                 scan.warnings.append(f"Class {label} has no training images.")
             if "validation" in given and given["validation"].get(label, 0) == 0:
                 scan.warnings.append(f"Class {label} has no validation images: its validation metrics will be empty.")
-    if len(nonzero) >= 2:
-        largest = max(nonzero, key=nonzero.get)
-        smallest = min(nonzero, key=nonzero.get)
-        ratio = nonzero[largest] / nonzero[smallest]
-        if ratio >= IMBALANCE_WARNING_RATIO:
-            scan.warnings.append(
-                f"Classes are imbalanced: {largest} has {nonzero[largest]} images, {smallest} has "
-                f"{nonzero[smallest]} ({ratio:.1f}×). Consider class weights 'balanced'."
-            )
+    balance = imbalance(counts)
+    if balance["imbalanced"]:
+        scan.warnings.append(f"Classes are imbalanced: {balance['suggestion']}")
 
 
 @dataclass

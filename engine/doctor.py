@@ -29,10 +29,10 @@ import numpy as np
 
 from engine import locations
 from engine.data import (
-    IMBALANCE_WARNING_RATIO,
     NESTED_FOLDER_RULE,
     DataError,
     DatasetScan,
+    imbalance,
     make_split,
     scan_dataset,
     split_counts,
@@ -146,27 +146,6 @@ def check_dataset(
         ],
     })
     return report
-
-
-def imbalance(class_counts: dict) -> dict:
-    """The largest and smallest classes with images, their ratio, and what to do about it.
-
-    Nothing is resampled or dropped: the suggestion is class weights, which the user chooses.
-    """
-    nonzero = {label: count for label, count in class_counts.items() if count > 0}
-    if len(nonzero) < 2:
-        return {"ratio": None, "largest": None, "smallest": None, "imbalanced": False, "suggestion": ""}
-    largest = max(nonzero, key=nonzero.get)
-    smallest = min(nonzero, key=nonzero.get)
-    ratio = nonzero[largest] / nonzero[smallest]
-    imbalanced = ratio >= IMBALANCE_WARNING_RATIO
-    suggestion = (
-        f"{largest} has {nonzero[largest]} images and {smallest} {nonzero[smallest]} ({ratio:.1f}×). "
-        "Train with class weights 'balanced' (Train page: class weights; CLI: --class-weight balanced) so "
-        "every class counts as much; the data are left as they are."
-    ) if imbalanced else ""
-    return {"ratio": round(ratio, 3), "largest": largest, "smallest": smallest, "imbalanced": imbalanced,
-            "suggestion": suggestion}
 
 
 def file_hashes(

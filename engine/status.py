@@ -226,7 +226,8 @@ def parse_status(raw: Any, run_dir: str | os.PathLike) -> Optional[RunStatus]:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
             return None
         values[name] = value
-    values["run_id"] = values.get("run_id") or Path(run_dir).name
+    # The folder's name is the run's id, whatever the file says: a copied or renamed folder is its own run.
+    values["run_id"] = Path(run_dir).name
     stage_text = raw.get("stage")
     if stage_text is None:
         stage = _legacy_stage(raw.get("phase"), state)

@@ -30,7 +30,7 @@ import numpy as np
 from engine import runfiles
 from engine.config import RunConfig
 from engine.data import DataError, SplitItem, make_split, scan_dataset, split_counts
-from engine.status import IllegalTransition, LaunchStatus, Stage, State
+from engine.status import LaunchStatus, Stage, State
 
 logger = logging.getLogger("engine.train")
 

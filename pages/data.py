@@ -11,7 +11,8 @@ from engine.config import ConfigError, RunConfig, get_setting
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.doctor import check_dataset, finding_pairs
 from engine.images import printable
-from engine.ingest import data_roots, extract_zip, list_dataset_folders, resolve_in_roots
+from engine.ingest import extract_zip, list_dataset_folders, resolve_in_roots
+from engine.locations import data_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from ui import secret_data_roots, thumbnail

@@ -1,16 +1,14 @@
 """Train: every engine setting in one form, with presets; Start launches through the job queue."""
 
-from pathlib import Path
-
 import streamlit as st
 
 from engine import jobs
 from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
 from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_dotted, settings, with_offline_backbone
-from engine.ingest import data_roots, resolve_in_roots
+from engine.ingest import resolve_in_roots
+from engine.locations import data_roots, presets_dir
 from ui import runs_root, secret_data_roots
 
-PRESETS_FOLDER = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_SIZE = 0  # shown as "backbone default"
 SETTINGS = {declared.name: declared for declared in settings()}
 # The Data page's split sliders write these same keys, so the split chosen there is the one trained on.
@@ -19,7 +17,7 @@ SPLIT_KEYS = ("field.data.validation_fraction", "field.data.test_fraction")
 
 def presets() -> dict:
     """Name → config of every preset shipped in configs/."""
-    return {path.stem: RunConfig.load(path) for path in sorted(PRESETS_FOLDER.glob("*.yaml"))}
+    return {path.stem: RunConfig.load(path) for path in sorted(presets_dir().glob("*.yaml"))}
 
 
 def load_into_form(config: RunConfig) -> None:

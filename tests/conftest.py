@@ -37,6 +37,7 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(base / "runs"))
     monkeypatch.setenv("TRANSFER_STUDIO_OFFLINE", "1")
     yield base
+    stop_live_workers(base / "runs")
     shutil.rmtree(SESSION_KERAS_HOME / "models", ignore_errors=True)
 
 
@@ -151,26 +152,31 @@ def data(tmp_path):
     return make_dataset(tmp_path / "data", per_class=30)
 
 
-@pytest.fixture
-def runs_dir(tmp_path):
-    """A runs root for tests that start workers; every worker still running afterwards is killed.
+def stop_live_workers(root: Path) -> None:
+    """Kills every worker (and its supervisor) still running a run under `root`.
 
-    A failed assertion must not leave a paused or endless worker behind, and each test
-    cleans up the processes it started (worker and supervisor share a process group).
+    A failed assertion must not leave a paused or endless worker behind: each test cleans up
+    the processes it started. Worker and supervisor share a process group, killed by its id.
     """
-    root = tmp_path / "runs"
-    yield root
     from engine.executors import lock_is_held
     from engine.status import State, read_status
 
-    for run_dir in root.glob("*/"):
+    for run_dir in Path(root).glob("*/"):
         status = read_status(run_dir)
-        # (A run trained inside this test process is never killed: its pid is pytest's own.)
+        # A run trained inside this test process is never killed: its pid is pytest's own.
         if status.state is State.RUNNING and status.pid not in (None, os.getpid()) and lock_is_held(run_dir):
             try:
                 os.killpg(os.getpgid(int(status.pid)), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    """A runs root for tests that start workers; every worker still running afterwards is killed."""
+    root = tmp_path / "runs"
+    yield root
+    stop_live_workers(root)
 
 
 @pytest.fixture
@@ -180,6 +186,34 @@ def slower_epochs(monkeypatch):
     from engine.runfiles import FAULT_VARIABLE
 
     monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.05")
+
+
+@pytest.fixture
+def app_environment(monkeypatch, tmp_path):
+    """Empty runs and data folders for the dashboard; runs it started are ended afterwards."""
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
+    (tmp_path / "appdata").mkdir()
+    yield tmp_path
+    stop_live_workers(tmp_path / "runs")
+
+
+def open_page(page: str):
+    """A fresh session of the dashboard (Streamlit's AppTest) on `page`, run once."""
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
+    app.switch_page(page)
+    return app.run()
+
+
+def open_folder_on_data_page(folder):
+    """The Data page with `folder` chosen as a folder on the server, as a user would choose it."""
+    app = open_page("pages/data.py")
+    app.radio(key="data_source").set_value("Folder on the server").run()
+    app.text_input(key="typed_path").set_value(str(folder)).run()
+    app.button[0].click().run()
+    return app
 
 
 def epoch_events(run_dir):

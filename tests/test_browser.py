@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, make_dataset
+from tests.conftest import REPO_ROOT, make_dataset, stop_live_workers
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
@@ -60,6 +60,8 @@ def app_server(tmp_path):
     yield url, data_dir, tmp_path / "runs"
     server.terminate()
     server.wait(timeout=20)
+    # Runs the browser started outlive the server by design (detached workers): end them too.
+    stop_live_workers(tmp_path / "runs")
     log.close()
 
 

@@ -1,15 +1,12 @@
 """The command line: a full train → runs → evaluate → predict chain, and one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.cli import main
-from tests.conftest import REPO_ROOT, make_dataset, run_cli
+from tests.conftest import make_dataset, run_cli
 
 
 @pytest.mark.training

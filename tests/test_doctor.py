@@ -26,7 +26,7 @@ from engine.data import make_split, scan_dataset
 from engine.doctor import NEAR_DUPLICATE_DISTANCE, check_dataset, finding_pairs
 from engine.images import MIN_SIDE_PIXELS, check_image, inspect_image, load_rgb
 from engine.pipeline import scan_and_decode
-from tests.conftest import REPO_ROOT, make_dataset, write_image
+from tests.conftest import REPO_ROOT, make_dataset, open_folder_on_data_page, tiny_config, write_image
 
 # The bombs below make Pillow warn while the scan refuses them; the warning is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -666,8 +666,6 @@ def test_check_from_a_shell_prints_odd_file_names(tmp_path):
 
 
 def test_data_page_doctor_shows_duplicates_and_leakage_once_opened(tmp_path, monkeypatch, photos):
-    from streamlit.testing.v1 import AppTest
-
     monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
     (tmp_path / "appdata").mkdir()
     root = tmp_path / "appdata" / "photos"
@@ -675,12 +673,7 @@ def test_data_page_doctor_shows_duplicates_and_leakage_once_opened(tmp_path, mon
     hashed = []
     real = engine.doctor._hash_file
     monkeypatch.setattr(engine.doctor, "_hash_file", lambda path: hashed.append(path) or real(path))
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page("pages/data.py")
-    app.run()
-    app.radio(key="data_source").set_value("Folder on the server").run()
-    app.text_input(key="typed_path").set_value(str(root)).run()
-    app.button[0].click().run()
+    app = open_folder_on_data_page(root)
     assert not app.exception and hashed == []  # closed: nothing is hashed
     app.session_state["doctor"] = True
     app.run()
@@ -702,7 +695,6 @@ def test_broken_files_are_excluded_and_odd_files_are_trained(tmp_path):
     from engine import runfiles
     from engine.runs import create_run
     from engine.train import run_training
-    from tests.test_training import tiny_config
 
     root = make_dataset(tmp_path / "mixed", per_class=8)
     broken = {**write_broken(root / "cats"), **write_broken(root / "dogs")}

@@ -26,7 +26,7 @@ from engine.interpret import log_tail, metrics_frames
 from engine.runs import get_run, list_runs, read_status
 from engine.status import Stage, State
 from engine.train import FAULT_VARIABLE, run_training
-from tests.conftest import epoch_events, job_config, make_dataset, wait_until as shared_wait_until
+from tests.conftest import epoch_events, job_config, wait_until as shared_wait_until
 
 pytestmark = [pytest.mark.training, pytest.mark.usefixtures("slower_epochs")]
 
@@ -193,7 +193,7 @@ def test_killed_while_saving_leaves_no_model_and_resumes_to_a_whole_one(data, ru
     status = jobs.reconcile(run_dir)
     assert status.stage is Stage.SAVING
     # Written under its temporary name, not yet renamed: the moment a kill must not leave half a model.
-    assert (run_dir / f".{status['pid']}.model.keras").is_file() and not (run_dir / "model.keras").exists()
+    assert (run_dir / f".{status.pid}.model.keras").is_file() and not (run_dir / "model.keras").exists()
     kill_and_expect_failed(run_dir)
 
     monkeypatch.delenv(FAULT_VARIABLE)
@@ -289,7 +289,7 @@ def test_status_and_metrics_corrupted_by_hand_read_as_unknown_or_repaired(data, 
         list_runs(runs_dir)
         # The worker keeps the whole status in memory: its next write (the heartbeat, within 1 s) repairs the file.
         repaired = wait_until(lambda: repaired_status(run_dir, run_id), timeout=5, what="status.json repaired")
-        assert repaired.state is State.RUNNING and repaired.created
+        assert repaired["state"] == "running" and repaired["created"]  # the file itself, as written
 
     with open(run_dir / "metrics.jsonl", "ab") as handle:
         handle.write(b'not json\n{"type": "epoch", "epo\n\xff\xfe\x00\n[1, 2]\n42\n')
@@ -481,8 +481,7 @@ def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
 
     from engine.runfiles import process_tag, remove_orphaned_temporaries
 
-    finished = subprocess.run(["true"])  # a process that has ended: its pid is free
-    dead_pid = subprocess.Popen(["true"])
+    dead_pid = subprocess.Popen(["true"])  # a process that has ended: its pid is free
     dead_pid.wait()
     host = socket.gethostname()
     dead = tmp_path / f".key.{host}-{dead_pid.pid}.npy.tmp"
@@ -492,5 +491,4 @@ def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
     for path in (dead, live, other_host, other_key):
         path.write_bytes(b"x")
     remove_orphaned_temporaries(tmp_path, ".key.")
-    assert finished.returncode == 0
     assert not dead.exists() and live.exists() and other_host.exists() and other_key.exists()

@@ -10,7 +10,8 @@ import zipfile
 
 import pytest
 
-from engine.ingest import ZipLimits, data_roots, extract_zip, list_dataset_folders, resolve_in_roots
+from engine.ingest import ZipLimits, extract_zip, list_dataset_folders, resolve_in_roots
+from engine.locations import data_roots
 from engine.samples import ensure_sample
 from tests.conftest import REPO_ROOT, make_dataset
 

@@ -14,7 +14,7 @@ from engine import jobs, runfiles
 from engine.interpret import metrics_frames
 from engine.runs import get_run, list_runs
 from engine.status import Stage, State
-from tests.conftest import REPO_ROOT, epoch_events, job_config, make_dataset, wait_until
+from tests.conftest import REPO_ROOT, epoch_events, job_config, wait_until
 
 pytestmark = [pytest.mark.training, pytest.mark.usefixtures("slower_epochs")]
 

@@ -76,12 +76,6 @@ def test_data_roots_are_the_data_folder_the_environment_and_extra_ones_that_exis
     assert locations.data_roots() == [(tmp_path / "app").resolve()]
 
 
-def test_ingest_still_offers_data_roots_for_the_pages():
-    from engine import ingest
-
-    assert ingest.data_roots is locations.data_roots
-
-
 def test_keras_home_follows_the_environment_before_keras_is_imported(tmp_path, monkeypatch, home):
     # Keras may already be imported by an earlier test; hide it so the environment is asked.
     monkeypatch.delitem(sys.modules, "keras", raising=False)

@@ -5,17 +5,17 @@ import time
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from engine import jobs, runfiles
 from engine.config import RunConfig
 from engine.runs import create_run
 from engine.status import State
 from engine.train import run_training
-from tests.conftest import REPO_ROOT, make_dataset
+from tests.conftest import make_dataset, open_folder_on_data_page, open_page
 
-PAGES = ["pages/home.py", "pages/data.py", "pages/train.py", "pages/monitor.py", "pages/evaluate.py",
-         "pages/predict.py"]
+TITLES = {"pages/home.py": "Transfer Studio", "pages/data.py": "Data", "pages/train.py": "Train",
+          "pages/monitor.py": "Monitor", "pages/evaluate.py": "Evaluate", "pages/predict.py": "Predict"}
+PAGES = list(TITLES)
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +31,11 @@ def finished_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.fixture
-def app_environment(monkeypatch, tmp_path):
-    """Empty runs folder and data folder for the app."""
-    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
-    (tmp_path / "appdata").mkdir()
-    return tmp_path
-
-
-def open_page(page: str) -> AppTest:
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page(page)
-    return app.run()
-
-
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_with_no_runs(page, app_environment):
     app = open_page(page)
     assert not app.exception, app.exception
-    assert app.title[0].value in ("Transfer Studio", "Data", "Train", "Monitor", "Evaluate", "Predict")
+    assert app.title[0].value == TITLES[page]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -84,10 +69,7 @@ def test_data_page_reports_bad_files_and_imbalance(app_environment):
     for number in range(8):
         shutil.copy(next((root / "cats").glob("*.png")), root / "cats" / f"extra_{number}.png")
     (root / "dogs" / "broken.jpg").write_bytes(b"")
-    app = open_page("pages/data.py")
-    app.radio(key="data_source").set_value("Folder on the server").run()
-    app.text_input(key="typed_path").set_value(str(root)).run()
-    app.button[0].click().run()
+    app = open_folder_on_data_page(root)
     assert not app.exception
     assert {metric.label: metric.value for metric in app.metric}["Left out"] == "1"
     assert any("imbalanced" in warning.value for warning in app.warning)

@@ -66,13 +66,12 @@ def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mo
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(validation["accuracy"], abs=0.01)
 
 
-def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_home_with_mobilenet, tmp_path):
+def test_stop_on_cats_vs_dogs_ends_stopped_within_ten_seconds(shared_dir, keras_home_with_mobilenet, runs_dir):
     import time
 
     from engine import jobs
     from engine.config import RunConfig
 
-    runs_dir = tmp_path / "runs"
     # The slow path, so that a stop lands in the middle of a long epoch.
     config = RunConfig().replace(**{"data.path": str(shared_dir / "data" / "cats_vs_dogs"),
                                     "model.backbone": "MobileNet", "model.alpha": 0.25, "training.epochs": 10,
@@ -108,13 +107,12 @@ def test_efficientnet_lite0_frozen_base_new_head_reaches_097_on_cats_vs_dogs(sha
     assert accuracy >= 0.97
 
 
-def test_stop_while_computing_features_ends_stopped_and_keeps_the_run_folder(shared_dir, tmp_path):
+def test_stop_while_computing_features_ends_stopped_and_keeps_the_run_folder(shared_dir, runs_dir):
     import time
 
     from engine import jobs
     from engine.config import RunConfig
 
-    runs_dir = tmp_path / "runs"
     config = RunConfig().replace(**{"data.path": str(shared_dir / "data" / "cats_vs_dogs"),
                                     "model.backbone": "EfficientNetLite0"})
     run_id = jobs.start(config, runs_dir)

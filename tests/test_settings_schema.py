@@ -5,12 +5,11 @@ import dataclasses
 import pickle
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from engine.backbones import BACKBONES
 from engine.config import (ALPHAS, ConfigError, RunConfig, Setting, add_arguments, get_setting,
                            overrides_from_arguments, settings)
-from tests.conftest import REPO_ROOT, make_dataset
+from tests.conftest import make_dataset, open_folder_on_data_page, open_page
 
 # The flags the CLI has always had (engine/cli.py's TRAIN_FLAGS), by dotted name.
 CLI_FLAGS = {
@@ -149,19 +148,8 @@ def test_flags_refuse_what_the_config_refuses(capsys):
         RunConfig().replace(**overrides_from_arguments(parser.parse_args(["--epochs", "0"])))
 
 
-@pytest.fixture
-def app_environment(monkeypatch, tmp_path):
-    """Empty runs folder and data folder for the app."""
-    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
-    (tmp_path / "appdata").mkdir()
-    return tmp_path
-
-
 def test_the_split_chosen_on_the_data_page_is_the_one_the_train_form_holds(app_environment):
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page("pages/data.py")
-    app.run()
+    app = open_page("pages/data.py")
     validation = app.slider(key="field.data.validation_fraction")
     assert (validation.min, validation.max) == (0.0, get_setting("data.validation_fraction").high)
     validation.set_value(0.3).run()
@@ -180,9 +168,7 @@ def test_the_split_chosen_on_the_data_page_is_the_one_the_train_form_holds(app_e
 
 
 def test_a_refused_split_on_the_data_page_is_said_in_the_configs_words(app_environment):
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page("pages/data.py")
-    app.run()
+    app = open_page("pages/data.py")
     app.slider(key="field.data.validation_fraction").set_value(0.0).run()
     assert any("`data.validation_fraction` must be > 0.0" in error.value for error in app.error)
 
@@ -192,21 +178,14 @@ def test_imbalance_advice_is_given_once_on_the_data_page(app_environment):
     make_dataset(app_environment / "appdata" / "more_cats", classes=("cats",), per_class=12)
     for path in (app_environment / "appdata" / "more_cats" / "cats").iterdir():
         path.rename(root / "cats" / f"more_{path.name}")
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page("pages/data.py")
-    app.run()
-    app.radio(key="data_source").set_value("Folder on the server").run()
-    app.text_input(key="typed_path").set_value(str(root)).run()
-    app.button[0].click().run()
+    app = open_folder_on_data_page(root)
     assert not app.exception, app.exception
     advice = [warning.value for warning in app.warning if "imbalanced" in warning.value]
     assert len(advice) == 1, advice
 
 
 def test_the_train_form_places_a_config_error_by_its_field(app_environment):
-    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=60)
-    app.switch_page("pages/train.py")
-    app.run()
+    app = open_page("pages/train.py")
     app.selectbox(key="field.model.backbone").set_value("VGG16")
     app.selectbox(key="field.model.alpha").set_value(0.5)
     app.button[0].click().run()

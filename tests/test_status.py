@@ -98,8 +98,7 @@ def write_the_old_way(run_dir, state, message):
 
 
 @pytest.mark.training
-def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, tmp_path):
-    runs_dir = tmp_path / "runs"
+def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, runs_dir):
     run_dir = create_run(tiny_config(tiny_dataset, **{"training.epochs": 2}), runs_dir)
     assert run_training(run_dir) is State.FINISHED
     # Rewrite it as a run of 4 epochs that the old code stopped after epoch 2.
@@ -123,8 +122,7 @@ def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, tmp_path):
 
 
 @pytest.mark.training
-def test_a_resumed_run_never_shows_the_old_worker_as_live(tiny_dataset, tmp_path, monkeypatch):
-    runs_dir = tmp_path / "runs"
+def test_a_resumed_run_never_shows_the_old_worker_as_live(tiny_dataset, runs_dir, monkeypatch):
     monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.3")
     run_id = jobs.start(tiny_config(tiny_dataset, **{"training.epochs": 50}), runs_dir)
     run_dir = runs_dir / run_id
