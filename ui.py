@@ -7,8 +7,8 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from engine.runs import default_runs_dir, listing_signature, run_folders
-from engine.status import RunStatus, read_status
+from engine.runs import RunListing, default_runs_dir
+from engine.status import RunStatus
 
 
 def secret_data_roots() -> list[str]:
@@ -50,26 +50,16 @@ def runs_root() -> Path:
     return default_runs_dir()
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def _listed_runs(root: str, signature: tuple) -> tuple[RunStatus, ...]:
-    # `signature` is the cache key: the runs folder's entries and each status.json's change time.
-    # A tuple of frozen dataclasses cannot be changed by a page, so it is shared without a copy
-    # (cache_data would unpickle a copy of every run on every rerun).
-    changed = dict(signature)
-    return tuple(_run_status(str(folder), changed.get(folder.name)) for folder in run_folders(root))
-
-
-@st.cache_resource(max_entries=20_000, show_spinner=False)
-def _run_status(path: str, modified_ns) -> RunStatus:
-    # One entry per status.json version: while one run writes its heartbeat every second,
-    # a new listing reads that one file again, not every run's.
-    return read_status(path)
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _run_listing(root: str) -> RunListing:
+    # One listing per runs root, shared by every session: it holds frozen statuses only and
+    # re-reads just the status files that changed (engine.runs.RunListing).
+    return RunListing(root)
 
 
 def all_runs() -> list[RunStatus]:
-    """Every run, newest first; read again only when a run folder or a status.json changed."""
-    root = runs_root()
-    return list(_listed_runs(str(root), listing_signature(root)))
+    """Every run, newest first; a status file is read again only when it changed."""
+    return list(_run_listing(str(runs_root())).runs())
 
 
 def runs_having(file_name: str) -> list[RunStatus]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,41 @@ def listing_signature(runs_dir: Optional[str | os.PathLike] = None) -> tuple:
         except OSError:
             signature.append((entry.name, None))
     return tuple(sorted(signature))
+
+
+class RunListing:
+    """The runs under one root, kept current by re-reading only what changed.
+
+    Each call stats every `status.json` (`listing_signature`, milliseconds for a thousand
+    runs); when nothing changed it returns the same tuple, and when one run changed (a
+    heartbeat every second while it trains) it reads that one file again. Safe to share
+    between threads (the dashboard shares one per runs root among its sessions).
+    """
+
+    def __init__(self, runs_dir: str | os.PathLike):
+        self.root = Path(runs_dir)
+        self._lock = threading.Lock()
+        self._signature: Optional[tuple] = None
+        self._runs: tuple[RunStatus, ...] = ()
+        self._read: dict[str, tuple] = {}
+
+    def runs(self) -> tuple[RunStatus, ...]:
+        """Every run's status, newest first, as `list_runs` gives it."""
+        signature = listing_signature(self.root)
+        with self._lock:
+            if signature != self._signature:
+                read = {}
+                for name, modified in signature:
+                    folder = self.root / name
+                    if not (folder / runfiles.CONFIG_FILE).is_file():
+                        continue
+                    earlier = self._read.get(name)
+                    read[name] = earlier if earlier and earlier[0] == modified and modified else \
+                        (modified, read_status(folder))
+                self._read = read
+                self._runs = tuple(read[name][1] for name in sorted(read, reverse=True))
+                self._signature = signature
+            return self._runs
 
 
 def list_runs(runs_dir: Optional[str | os.PathLike] = None) -> list[RunStatus]:

@@ -195,3 +195,24 @@ def test_a_stop_after_the_best_epoch_keeps_the_best_weights_with_early_stopping(
     best = keras.models.load_model(run_dir / "best.keras", safe_mode=True)
     for left, right in zip(saved.get_weights(), best.get_weights()):
         np.testing.assert_allclose(left, right, rtol=0, atol=1e-6)
+
+
+def test_a_run_listing_rereads_only_the_status_files_that_changed(tmp_path, monkeypatch):
+    import engine.runs
+    from engine.runs import RunListing
+
+    runs_dir = tmp_path / "runs"
+    folders = [create_run(job_config(tmp_path, name=f"r{number}"), runs_dir) for number in range(5)]
+    read = []
+    real_read = engine.runs.read_status
+    monkeypatch.setattr(engine.runs, "read_status", lambda folder: read.append(folder.name) or real_read(folder))
+    listing = RunListing(runs_dir)
+    first = listing.runs()
+    assert [run.run_id for run in first] == sorted((folder.name for folder in folders), reverse=True)
+    assert len(read) == 5
+    assert listing.runs() is first and len(read) == 5  # nothing changed: nothing read
+    transition(folders[2], State.STOPPED, stage=Stage.DONE, message="stopped")
+    after = listing.runs()
+    assert read[5:] == [folders[2].name]  # one status changed: one file read
+    assert {run.run_id: run.state for run in after}[folders[2].name] is State.STOPPED
+    assert list(after) == list_runs(runs_dir)
