@@ -7,6 +7,7 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
+from engine import jobs
 from engine.runs import RunListing, default_runs_dir
 from engine.status import RunStatus
 
@@ -58,8 +59,16 @@ def _run_listing(root: str) -> RunListing:
 
 
 def all_runs() -> list[RunStatus]:
-    """Every run, newest first; a status file is read again only when it changed."""
-    return list(_run_listing(str(runs_root())).runs())
+    """Every run, newest first; a status file is read again only when it changed.
+
+    A run that reads `running` but has gone silent is reconciled (its processes may have died
+    with nobody left to say so), so no list shows a dead run as running.
+    """
+    listing = _run_listing(str(runs_root()))
+    runs = listing.runs()
+    if jobs.reconcile_stale(runs, runs_root()):
+        runs = listing.runs()
+    return list(runs)
 
 
 def runs_having(file_name: str) -> list[RunStatus]:

@@ -9,9 +9,9 @@
 - `EpochCheckpoint`: saves the model after every complete epoch, for resume.
 - `BestFullModelCheckpoint`: `best.keras` as the full model while only the head trains.
 
-An epoch that a stop request cuts short is not an epoch: Keras still validates it and
-calls `on_epoch_end`, but no epoch event or checkpoint is written for it, and a resumed
-run does it again.
+An epoch that a stop request cuts short is not counted: Keras still validates it and calls
+`on_epoch_end` (so early stopping and `best.keras` see it like any epoch), but no epoch event
+or resume checkpoint is written for it, and a resumed run does it again.
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ class StopOnRequest(keras.callbacks.Callback):
     Args:
         run_dir: The run folder.
         steps_per_epoch: Batches per epoch, to tell a cut-short epoch from a complete one.
+        superseded: Returns True once this worker's launch is no longer current (declared
+            dead, relaunched): it stops as if asked, and writes nothing more to the status.
     """
 
-    def __init__(self, run_dir, steps_per_epoch: int):
+    def __init__(self, run_dir, steps_per_epoch: int, superseded=lambda: False):
         super().__init__()
         self.stop_path = Path(run_dir) / runfiles.STOP_REQUEST_FILE
+        self.superseded = superseded
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.requested = False
         self.cut_short_epoch: Optional[int] = None
@@ -67,7 +70,7 @@ class StopOnRequest(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.requested or not self.stop_path.exists():
+        if self.requested or not self._asked():
             return
         self.requested = True
         if batch + 1 < self.steps_per_epoch:
@@ -79,9 +82,12 @@ class StopOnRequest(keras.callbacks.Callback):
         # A request that arrived while the epoch was validated or saved ends training here, on a
         # complete epoch, rather than after one more batch. Coming after every other callback,
         # this one lets them all (EarlyStopping, checkpoints, metrics) see the epoch first.
-        if not self.requested and self.stop_path.exists():
+        if not self.requested and self._asked():
             self.requested = True
             self.model.stop_training = True
+
+    def _asked(self) -> bool:
+        return self.stop_path.exists() or self.superseded()
 
     def epoch_is_complete(self, epoch: int) -> bool:
         """False for the epoch a stop request cut short."""

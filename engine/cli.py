@@ -131,6 +131,7 @@ def _parse_value(text: str):
 
 def command_train(arguments) -> int:
     from engine.runs import create_run
+    from engine.status import State
     from engine.train import run_training
 
     config = config_from_arguments(arguments)
@@ -147,7 +148,7 @@ def command_train(arguments) -> int:
     print(run_dir, flush=True)
     echo = None if arguments.quiet else sys.stderr
     state = run_training(run_dir, echo=echo)
-    if state == "failed":
+    if state is State.FAILED:
         from engine.status import read_status
 
         raise CommandError(f"Run failed: {read_status(run_dir).message} (details in {run_dir}/worker.log)")
@@ -178,9 +179,12 @@ def command_predict(arguments) -> int:
 
 
 def command_runs(arguments) -> int:
+    from engine.jobs import reconcile_stale
     from engine.runs import list_runs
 
     runs = list_runs(arguments.runs_dir)
+    if reconcile_stale(runs, arguments.runs_dir):
+        runs = list_runs(arguments.runs_dir)
     if arguments.json:
         print(json.dumps([dict(run.to_dict(), path=run.path) for run in runs], indent=2))
         return 0
@@ -298,26 +302,16 @@ def command_control(arguments) -> int:
 
 
 def command_worker(arguments) -> int:
-    import fcntl
-
-    from engine.executors import LOCK_FILE
+    from engine.executors import LAUNCH_VARIABLE
+    from engine.status import State
     from engine.train import run_training
 
     run_dir = Path(arguments.run_dir)
     if not (run_dir / "config.json").is_file():
         raise CommandError(f"{run_dir} is not a run folder (no config.json).")
-    lock = None
-    if os.environ.get("TRANSFER_STUDIO_LOCK_INHERITED") != "1":
-        # Started directly (by a scheduler, not our supervisor): hold the run's lock ourselves.
-        lock = open(run_dir / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CommandError(f"Another worker is already training {run_dir}.") from None
-    state = run_training(run_dir)
-    if lock is not None:
-        lock.close()
-    return 0 if state in ("finished", "stopped") else 1
+    # Started by our supervisor: adopt its launch. Started directly (by another scheduler): a launch of its own.
+    state = run_training(run_dir, launch_id=os.environ.get(LAUNCH_VARIABLE) or None)
+    return 0 if state in (State.FINISHED, State.STOPPED) else 1
 
 
 def command_supervise(arguments) -> int:

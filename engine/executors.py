@@ -34,6 +34,35 @@ from engine import runfiles
 from engine.status import IllegalTransition, RunStatus, Stage, State, now_iso, read_status, transition
 
 LOCK_FILE = "worker.lock"
+# Set by the supervisor for the worker it spawns: the worker lock is already held (inherited)
+# and this is the launch the worker must adopt.
+LOCK_INHERITED_VARIABLE = "TRANSFER_STUDIO_LOCK_INHERITED"
+LAUNCH_VARIABLE = "TRANSFER_STUDIO_LAUNCH_ID"
+
+
+class WorkerBusy(ValueError):
+    """Another live process already trains this run."""
+
+
+@contextlib.contextmanager
+def worker_lock(run_dir: str | os.PathLike):
+    """Holds the run's worker lock while this process trains it (the supervisor's, when inherited).
+
+    Every way of training a run holds it (the supervisor's worker, `python -m engine worker`,
+    `python -m engine train`, `engine.train_run`), so liveness can be judged by the lock alone.
+
+    Raises:
+        WorkerBusy: another live process holds the lock.
+    """
+    if os.environ.get(LOCK_INHERITED_VARIABLE) == "1":
+        yield
+        return
+    with open(Path(run_dir) / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkerBusy(f"Another worker is already training {run_dir}.") from None
+        yield
 # A launched supervisor takes well under a second to take its lock; this is the grace
 # period before a launched run whose lock is free is judged dead.
 START_GRACE_SECONDS = 20.0
@@ -109,10 +138,11 @@ class LocalExecutor:
     def kill(self, run_dir: Path) -> None:
         """SIGKILLs the worker; its supervisor records the run as failed, "Killed by the user."."""
         runfiles.atomic_write_text(Path(run_dir) / runfiles.KILL_REQUEST_FILE, _now_line())
-        pid = read_status(run_dir).pid
-        if pid:
+        status = read_status(run_dir)
+        # A pid is only meaningful on its own host (a runs root on shared storage).
+        if status.pid and status.host in (None, socket.gethostname()):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(status.pid), signal.SIGKILL)
 
     def logs(self, run_dir: Path, lines: int = 40) -> str:
         """The last lines of `worker.log`, without TensorFlow's start-up noise."""
@@ -175,9 +205,16 @@ def supervise(run_dir: str | os.PathLike) -> int:
     if not _acquire_within(lock_handle, START_GRACE_SECONDS / 2):
         lock_handle.close()
         return 1
-    launch_id = read_status(run_dir).launch_id
+    status = read_status(run_dir)
+    if status.state is not State.RUNNING or not status.launch_id:
+        # Started too late: the launch was judged dead or stopped meanwhile. Nothing to run.
+        fcntl.flock(lock_handle, fcntl.LOCK_UN)
+        lock_handle.close()
+        return 1
+    launch_id = status.launch_id
     environment = child_environment()
-    environment["TRANSFER_STUDIO_LOCK_INHERITED"] = "1"
+    environment[LOCK_INHERITED_VARIABLE] = "1"
+    environment[LAUNCH_VARIABLE] = launch_id
     with open(run_dir / runfiles.LOG_FILE, "a", encoding="utf-8") as log:
         # The worker inherits the locked file, so the lock lives as long as either process.
         worker = subprocess.Popen(

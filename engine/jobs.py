@@ -4,7 +4,8 @@ A run is started by creating its folder (`queued`) and letting the queue launch 
 a slot is free: `schedule` moves it to `running` (stage `starting`, a fresh `launch_id`)
 and hands it to the runs root's executor (`engine.executors`). Every state change goes
 through `engine.status.transition`; reading never writes, and liveness is the one
-explicit step `reconcile`, which the scheduler, the supervisor and the Monitor page call.
+explicit step `reconcile`, which the scheduler (also run by each supervisor as its worker
+ends), the Monitor page and the run listings (`reconcile_stale`) call.
 
 This module never imports TensorFlow.
 """
@@ -27,6 +28,8 @@ from engine.status import (FINAL_STATES, IllegalTransition, RunStatus, Stage, St
 
 QUEUE_FILE = "queue.json"
 QUEUE_LOCK_FILE = ".queue.lock"
+# A worker refreshes its heartbeat every second; a listed run silent for longer is checked.
+STALE_HEARTBEAT_SECONDS = 5.0
 
 
 def max_concurrent(runs_dir: Optional[str | os.PathLike] = None) -> int:
@@ -83,6 +86,26 @@ def reconcile(run_dir: str | os.PathLike) -> RunStatus:
     return executor_for(run_dir.parent).state(run_dir)
 
 
+def reconcile_stale(runs: Iterable[RunStatus], runs_dir: Optional[str | os.PathLike] = None) -> bool:
+    """Reconciles the listed runs that read `running` but whose heartbeat stopped; moves the queue on if one ended.
+
+    For the places that list runs (the Home page, `python -m engine runs`): a run whose worker
+    and supervisor died together (out of memory, a reboot) has nobody left to record it, and
+    its status file never changes again. A live worker beats every second, so only runs
+    silent for STALE_HEARTBEAT_SECONDS are checked: a lock test each, no file read.
+
+    Returns:
+        True when a run was found dead (the listing is then out of date).
+    """
+    ended = False
+    for run in runs:
+        if run.state is State.RUNNING and time.time() - (run.heartbeat or 0.0) > STALE_HEARTBEAT_SECONDS:
+            ended = reconcile(run.path).state is not State.RUNNING or ended
+    if ended:
+        schedule(runs_dir)
+    return ended
+
+
 def schedule(runs_dir: Optional[str | os.PathLike] = None) -> list[str]:
     """Reconciles the running runs, then launches queued runs, oldest first, while slots are free.
 
@@ -109,9 +132,10 @@ def schedule(runs_dir: Optional[str | os.PathLike] = None) -> list[str]:
 
 def _launch(run_dir: Path) -> bool:
     """Moves a queued run to running (stage starting, a new launch) and hands it to the executor."""
+    launch_id = new_launch_id()
     try:
         transition(run_dir, State.RUNNING, stage=Stage.STARTING, message="Starting the worker process.",
-                   expected={State.QUEUED}, launch_id=new_launch_id(), launched_at=time.time(),
+                   expected={State.QUEUED}, launch_id=launch_id, launched_at=time.time(),
                    host=socket.gethostname(), pid=None)
     except IllegalTransition:
         return False  # Stopped or launched by another process since it was read.
@@ -119,8 +143,11 @@ def _launch(run_dir: Path) -> bool:
         executor_for(run_dir.parent).submit(run_dir)
     except Exception as error:  # noqa: BLE001 - a launch that cannot start must not leave the run running
         message = f"The run could not be started: {' '.join(str(error).split()) or type(error).__name__}."
+        # Only this launch, and only while no worker holds it: one that did start ends its launch itself.
         with contextlib.suppress(IllegalTransition):
-            transition(run_dir, State.FAILED, stage=Stage.DONE, message=message, error=message, pid=None)
+            if not lock_is_held(run_dir):
+                transition(run_dir, State.FAILED, stage=Stage.DONE, message=message, error=message, pid=None,
+                           for_launch=launch_id, expected={State.RUNNING})
         return False
     return True
 

@@ -93,7 +93,10 @@ def listing_signature(runs_dir: Optional[str | os.PathLike] = None) -> tuple:
         if entry.name.startswith("."):
             continue
         try:
-            signature.append((entry.name, os.stat(Path(entry.path) / runfiles.STATUS_FILE).st_mtime_ns))
+            details = os.stat(Path(entry.path) / runfiles.STATUS_FILE)
+            # An atomic replace gives the file a new inode: two writes within one tick of a
+            # coarse clock (NFS) still differ.
+            signature.append((entry.name, (details.st_mtime_ns, details.st_ino, details.st_size)))
         except OSError:
             signature.append((entry.name, None))
     return tuple(sorted(signature))

@@ -391,22 +391,32 @@ class LaunchStatus:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def begin(self, pid: int, host: str) -> RunStatus:
+    def begin(self, pid: int, host: str, launch_id: Optional[str] = None) -> RunStatus:
         """Takes the run over for this worker process.
 
-        A run the queue launched (running, with a launch id) is adopted; a queued run is
-        moved to running; a stopped or failed run started directly (`python -m engine worker`,
-        `run_training`) is resumed: back to queued, then running.
+        Args:
+            pid, host: This worker process.
+            launch_id: The launch this worker was started for (by the supervisor), which it
+                adopts; None for a worker started directly (`python -m engine worker` or
+                `train`, `run_training`): a queued run is moved to running, a stopped or
+                failed one is resumed (back to queued, then running), a running one whose
+                worker is gone is taken over.
 
         Raises:
-            IllegalTransition: the run is finished, or its status is unreadable.
+            IllegalTransition: the run is finished, its status is unreadable, or the launch
+                this worker was started for is no longer the current one.
         """
         with status_lock(self.run_dir):
             current = read_status(self.run_dir)
             now = time.time()
             start = dict(pid=pid, host=host, started=now_iso(), error=None, finished=None, heartbeat=now,
                          stage=Stage.STARTING, message="Starting.")
-            if current.state is State.RUNNING and current.launch_id:
+            if launch_id is not None:
+                if current.state is not State.RUNNING or current.launch_id != launch_id:
+                    raise IllegalTransition(f"Run {current.run_id} is {current.state} under another launch; "
+                                            "this worker's launch is no longer current.")
+                status = current.with_changes(**start)
+            elif current.state is State.RUNNING and current.launch_id:
                 status = current.with_changes(**start)
             else:
                 if current.state in (State.STOPPED, State.FAILED):

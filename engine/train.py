@@ -54,23 +54,36 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def run_training(run_dir: str | os.PathLike, echo=None) -> State:
+def run_training(run_dir: str | os.PathLike, echo=None, launch_id: Optional[str] = None) -> State:
     """Trains, saves and evaluates the run in `run_dir` (resuming from its checkpoint if it has one).
+
+    Holds the run's worker lock throughout, so that no other worker trains it meanwhile and
+    liveness checks see it alive.
 
     Args:
         run_dir: A folder made by `engine.runs.create_run`.
         echo: A stream to print progress on (the CLI's terminal), or None.
+        launch_id: The launch to adopt (given by the supervisor), or None when started directly.
 
     Returns:
         The final state: finished, stopped or failed. A failure never raises: it ends with
         state failed, a one-line message in status.json and the traceback in worker.log.
 
     Raises:
-        IllegalTransition: the run cannot be started (it is finished, or its status is unreadable).
+        IllegalTransition: the run cannot be started (it is finished, its status is unreadable,
+            or the launch is no longer current).
+        WorkerBusy: another live process trains the run.
     """
+    from engine.executors import worker_lock
+
     run_dir = Path(run_dir)
+    with worker_lock(run_dir):
+        return _run_launch(run_dir, echo, launch_id)
+
+
+def _run_launch(run_dir: Path, echo, launch_id: Optional[str]) -> State:
     status = LaunchStatus(run_dir)
-    status.begin(pid=os.getpid(), host=socket.gethostname())
+    status.begin(pid=os.getpid(), host=socket.gethostname(), launch_id=launch_id)
     handler = logging.FileHandler(run_dir / runfiles.LOG_FILE, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     engine_logger = logging.getLogger("engine")
@@ -78,6 +91,9 @@ def run_training(run_dir: str | os.PathLike, echo=None) -> State:
     engine_logger.addHandler(handler)
     status.start_heartbeat()
     try:
+        if (run_dir / runfiles.KILL_REQUEST_FILE).exists():
+            # Kill was asked while the run was starting, before there was a process to signal.
+            return _end(status, State.FAILED, "Killed by the user.", echo=echo, error="Killed by the user.")
         _remove_dead_saves(run_dir)
         return _end(status, *_train(run_dir, status, echo), echo=echo)
     except StopRequested:
@@ -163,13 +179,15 @@ class ResumePoint:
 
 
 class StopCheck:
-    """Raises StopRequested when the run's stop request exists (between steps, before training)."""
+    """Raises StopRequested when the run's stop request exists (between steps, before training),
+    or when this launch was superseded (declared dead, relaunched): it must stop writing the folder."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, status: LaunchStatus):
         self.path = run_dir / runfiles.STOP_REQUEST_FILE
+        self.status = status
 
     def __call__(self) -> None:
-        if self.path.exists():
+        if self.path.exists() or self.status.superseded:
             raise StopRequested()
 
 
@@ -366,7 +384,7 @@ def _train(run_dir: Path, status: LaunchStatus, echo) -> tuple[State, str]:
     """The phases of one run, in order; returns the final state and its message."""
     config = RunConfig.load(run_dir / runfiles.CONFIG_FILE)
     logger.info("Config: %s", config.to_json())
-    check_stop = StopCheck(run_dir)
+    check_stop = StopCheck(run_dir, status)
     resume = ResumePoint.read(run_dir)
     data = _prepare_data(run_dir, config, status, echo, check_stop, resume.resuming)
     check_stop()
@@ -425,13 +443,18 @@ def _load_checkpoint(training: Training, resume: ResumePoint):
 
 
 def _fit(training: Training, model, train_data, validation_data, phase: int, first_epoch: int, final_epoch: int,
-         kind: str, phase1_epochs: Optional[int], extra_callbacks: list) -> PhaseResult:
-    """`model.fit` from `first_epoch` to `final_epoch` with the run's callbacks; how far it got."""
+         kind: str, phase1_epochs: Optional[int], extra_callbacks: list, total_epochs: int) -> PhaseResult:
+    """`model.fit` from `first_epoch` to `final_epoch` with the run's callbacks; how far it got.
+
+    Args:
+        total_epochs: The run's last epoch as now planned, for progress and the ETA (phase 2
+            counts on from where phase 1 really ended, early stopping included).
+    """
     from engine.callbacks import EpochCheckpoint, MetricsLogger, ProgressReporter, StopOnRequest, TerminalProgress
 
-    stop = StopOnRequest(training.run_dir, training.steps_per_epoch)
+    stop = StopOnRequest(training.run_dir, training.steps_per_epoch, superseded=lambda: training.status.superseded)
     metrics = MetricsLogger(training.run_dir, phase, training.steps_per_epoch, training.config.training.batch_size,
-                            training.planned_epochs, training.started_at, stop)
+                            total_epochs, training.started_at, stop)
     # The checkpoint is saved before the epoch's metrics event is written, so a worker killed in
     # between never leaves an epoch in metrics.jsonl that resume would repeat; the stop comes last.
     callbacks = [EpochCheckpoint(training.run_dir, phase, phase1_epochs, training.started_at, kind, stop),
@@ -488,7 +511,7 @@ def train_head_on_features(training: Training, resume: ResumePoint, checkpointed
     validation_data = make_feature_dataset(features["validation"], data.labels["validation"],
                                            max(settings.batch_size, VALIDATION_FEATURE_BATCH), binary=training.binary)
     result = _fit(training, head, train_data, validation_data, 1, resume.epochs_done, settings.epochs, "head", None,
-                  keras_callbacks(config, training.run_dir, full_model))
+                  keras_callbacks(config, training.run_dir, full_model), training.planned_epochs)
     return head, features, result
 
 
@@ -503,7 +526,8 @@ def train_head_end_to_end(training: Training, resume: ResumePoint, model) -> Pha
                  f"on {len(training.data.positions['train'])} images, every image through the base every epoch.")
     return _fit(training, model, _image_data(training, "train", True, resume.epochs_done),
                 _image_data(training, "validation", False, resume.epochs_done), 1, resume.epochs_done,
-                settings.epochs, "full", None, keras_callbacks(training.config, training.run_dir))
+                settings.epochs, "full", None, keras_callbacks(training.config, training.run_dir),
+                training.planned_epochs)
 
 
 def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int) -> tuple[PhaseResult, bool]:
@@ -527,7 +551,7 @@ def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int) -
     # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
     result = _fit(training, model, _image_data(training, "train", True, epochs_done),
                   _image_data(training, "validation", False, epochs_done), 2, epochs_done, final_epoch, "full",
-                  phase1_epochs, keras_callbacks(training.config, training.run_dir))
+                  phase1_epochs, keras_callbacks(training.config, training.run_dir), final_epoch)
     return result, True
 
 

@@ -87,7 +87,7 @@ def live_view(run_path: str) -> None:
         st.code(jobs.logs(run_path) or "(empty)", language=None)
 
 
-def compare(runs: list[dict], current: dict) -> None:
+def compare(runs: list[RunStatus], current: RunStatus) -> None:
     others = st.multiselect("Overlay other runs (validation accuracy per epoch)",
                             [run.run_id for run in runs if run.run_id != current.run_id])
     if not others:

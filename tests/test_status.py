@@ -12,7 +12,7 @@ from engine.runs import create_run, get_run, list_runs
 from engine.status import (IllegalTransition, LaunchStatus, Stage, State, read_status, record_progress,
                            transition)
 from engine.train import FAULT_VARIABLE, run_training
-from tests.conftest import epoch_events, job_config, tiny_config, wait_until
+from tests.conftest import epoch_events, job_config, open_page, tiny_config, wait_until
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def write_the_old_way(run_dir, state, message):
 
 
 @pytest.mark.training
-def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, runs_dir):
+def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, runs_dir, monkeypatch):
     run_dir = create_run(tiny_config(tiny_dataset, **{"training.epochs": 2}), runs_dir)
     assert run_training(run_dir) is State.FINISHED
     # Rewrite it as a run of 4 epochs that the old code stopped after epoch 2.
@@ -113,6 +113,12 @@ def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, runs_dir):
     assert old.backbone == "MobileNet" and old.dataset == str(tiny_dataset)
     best = max(event["val_accuracy"] for event in epoch_events(run_dir))
     assert old.best_val_accuracy == best and old.launch_id is None and old.schema == 2
+    # The pages open it as they open any run.
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(runs_dir))
+    for page in ("pages/home.py", "pages/monitor.py", "pages/evaluate.py"):
+        app = open_page(page)
+        assert not app.exception and not app.error, (page, app.exception, [error.value for error in app.error])
+    assert "STOPPED" in open_page("pages/monitor.py").warning[0].value
 
     jobs.resume(run_dir.name, runs_dir)
     final = jobs.wait_for(run_dir.name, timeout=180, runs_dir=runs_dir, poll_seconds=0.2)
@@ -216,3 +222,72 @@ def test_a_run_listing_rereads_only_the_status_files_that_changed(tmp_path, monk
     assert read[5:] == [folders[2].name]  # one status changed: one file read
     assert {run.run_id: run.state for run in after}[folders[2].name] is State.STOPPED
     assert list(after) == list_runs(runs_dir)
+
+
+@pytest.mark.training
+def test_a_run_trained_in_the_foreground_holds_its_lock_and_stays_running(tiny_dataset, tmp_path, monkeypatch):
+    """`python -m engine train` and `engine.train_run` hold the worker lock too: reconcile sees them alive,
+    and no second worker can take the run."""
+    from engine.executors import WorkerBusy
+
+    monkeypatch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.2")
+    run_dir = create_run(tiny_config(tiny_dataset, **{"training.epochs": 200}), tmp_path / "runs")
+    ended = []
+    trainer = threading.Thread(target=lambda: ended.append(run_training(run_dir)), daemon=True)
+    trainer.start()
+    wait_until(lambda: len(epoch_events(run_dir)) >= 2, what="two epochs")
+    assert jobs.reconcile(run_dir).state is State.RUNNING
+    with pytest.raises(WorkerBusy, match="Another worker is already training"):
+        run_training(run_dir)
+    (run_dir / "stop.request").write_text("stop\n")
+    trainer.join(timeout=60)
+    assert ended == [State.STOPPED] and read_status(run_dir).state is State.STOPPED
+
+
+@pytest.mark.training
+def test_fine_tuning_counts_its_epochs_from_where_phase_one_really_ended(tiny_dataset, tmp_path):
+    # Early stopping with an improvement nobody can make ends phase 1 after its second epoch.
+    config = tiny_config(tiny_dataset, **{"training.epochs": 10, "fine_tuning.layers": 5, "fine_tuning.epochs": 2,
+                                          "callbacks.early_stopping.enabled": True,
+                                          "callbacks.early_stopping.patience": 0,
+                                          "callbacks.early_stopping.min_delta": 10.0})
+    run_dir = create_run(config, tmp_path / "runs")
+    assert read_status(run_dir).epochs == 12  # as planned before training
+    assert run_training(run_dir) is State.FINISHED
+    events = [(event["phase"], event["epoch"]) for event in epoch_events(run_dir)]
+    assert events == [(1, 1), (1, 2), (2, 3), (2, 4)], events
+    final = read_status(run_dir)
+    assert (final.epoch, final.epochs) == (4, 4)
+
+
+def test_a_kill_asked_while_starting_ends_the_run_before_it_trains(queued_run):
+    (queued_run / "kill.request").write_text("kill\n")
+    assert run_training(queued_run) is State.FAILED
+    status = read_status(queued_run)
+    assert status.message == "Killed by the user." and not epoch_events(queued_run)
+
+
+def test_a_late_supervisor_does_not_revive_an_ended_launch(queued_run):
+    from engine.executors import supervise
+
+    transition(queued_run, State.RUNNING, stage=Stage.STARTING, message="go", launch_id="slow")
+    transition(queued_run, State.FAILED, stage=Stage.DONE, message="judged dead", for_launch="slow")
+    assert supervise(queued_run) == 1
+    status = read_status(queued_run)
+    assert status.state is State.FAILED and status.message == "judged dead"
+    assert not (queued_run / "worker.log").exists()
+    with pytest.raises(IllegalTransition, match="no longer current"):
+        LaunchStatus(queued_run).begin(pid=1, host="here", launch_id="slow")
+
+
+def test_listings_record_a_run_whose_processes_all_died(queued_run):
+    from tests.conftest import run_cli
+
+    # Running, under a pid that no longer exists, silent for a minute: nobody is left to say so.
+    transition(queued_run, State.RUNNING, stage=Stage.TRAINING_HEAD, message="go", launch_id="gone", pid=999999,
+               heartbeat=0.0)
+    runfiles.atomic_write_json(queued_run / "status.json", dict(
+        json.loads((queued_run / "status.json").read_text()), heartbeat=1.0))
+    listed = run_cli("runs", "--runs-dir", queued_run.parent)
+    assert listed.returncode == 0 and " failed " in listed.stdout, listed.stdout
+    assert read_status(queued_run).message.startswith("The worker process ended without finishing")
