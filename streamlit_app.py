@@ -1,15 +1,19 @@
-"""Transfer Studio's entry point: it only routes to the pages."""
+"""Transfer Studio's entry point: it only routes to the pages (after sign-in, when it is on)."""
 
 import streamlit as st
 
+import signin
+
 st.set_page_config(page_title="Transfer Studio", page_icon=":material/neurology:", layout="wide")
 
-navigation = st.navigation([
+pages = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/data.py", title="Data", icon=":material/folder_open:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
     st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
-])
-navigation.run()
+]
+# Without `[auth]` in the secrets (local mode) every page; with it, only a sign-in screen
+# until the visitor has signed in (signin.py).
+st.navigation(signin.gate(pages)).run()
