@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         control.add_argument("run", help="run folder or run id")
         control.add_argument("--runs-dir")
 
+    rename = commands.add_parser("rename", help="give a run a new name (its id stays)")
+    rename.add_argument("run", help="run folder or run id")
+    rename.add_argument("name")
+    rename.add_argument("--runs-dir")
+    delete = commands.add_parser("delete", help="move an ended run to the trash (restore brings it back)")
+    delete.add_argument("run", help="run folder or run id")
+    delete.add_argument("--runs-dir")
+    restore = commands.add_parser("restore", help="bring a deleted run back from the trash")
+    restore.add_argument("run", help="the run id (see `trash`)")
+    restore.add_argument("--runs-dir")
+    trash = commands.add_parser("trash", help="list the deleted runs that can be restored")
+    trash.add_argument("--runs-dir")
+    audit = commands.add_parser("audit", help="the audit log: who started, stopped, deleted… which run")
+    audit.add_argument("--runs-dir")
+
     worker = commands.add_parser("worker", help="train one run folder in this process (what schedulers run)")
     worker.add_argument("run_dir")
     supervise = commands.add_parser("supervise", help="run a worker, record how it ended, start the next queued run")
@@ -141,10 +156,14 @@ def command_train(arguments) -> int:
         from engine import jobs
 
         if arguments.max_concurrent is not None:
-            jobs.set_max_concurrent(arguments.max_concurrent, arguments.runs_dir)
-        print(jobs.start(config, arguments.runs_dir), flush=True)
+            jobs.set_max_concurrent(arguments.max_concurrent, arguments.runs_dir, source="cli")
+        print(jobs.start(config, arguments.runs_dir, source="cli"), flush=True)
         return 0
     run_dir = create_run(config, arguments.runs_dir)
+    from engine import audit
+    from engine.users import local_user
+
+    audit.record(run_dir.parent, local_user(), "start", run_dir.name, "cli")
     print(run_dir, flush=True)
     echo = None if arguments.quiet else sys.stderr
     state = run_training(run_dir, echo=echo)
@@ -296,8 +315,51 @@ def command_control(arguments) -> int:
     from engine import jobs
 
     action = {"stop": jobs.stop, "kill": jobs.kill, "resume": jobs.resume}[arguments.command]
-    status = action(arguments.run, arguments.runs_dir)
+    status = action(arguments.run, arguments.runs_dir, source="cli")
     print(f"{status.state.value}: {status.message}")
+    return 0
+
+
+def command_rename(arguments) -> int:
+    from engine import jobs
+
+    status = jobs.rename(arguments.run, arguments.name, arguments.runs_dir, source="cli")
+    print(f"{status.run_id}: {status.name}")
+    return 0
+
+
+def command_delete(arguments) -> int:
+    from engine import jobs
+
+    print(f"moved to the trash: {jobs.delete(arguments.run, arguments.runs_dir, source='cli')}")
+    return 0
+
+
+def command_restore(arguments) -> int:
+    from engine import jobs
+
+    print(f"restored: {jobs.restore(arguments.run, arguments.runs_dir, source='cli')}")
+    return 0
+
+
+def command_trash(arguments) -> int:
+    from engine import jobs
+
+    deleted = jobs.trash(arguments.runs_dir)
+    if not deleted:
+        print("The trash is empty.")
+    for run in deleted:
+        print(f"{run.run_id:<44} {run.state.value:<9} {run.owner_name or run.owner or '-'}")
+    return 0
+
+
+def command_audit(arguments) -> int:
+    from engine import audit
+    from engine.runs import default_runs_dir
+
+    for entry in audit.read(arguments.runs_dir or default_runs_dir()):
+        print(f"{entry.get('time')}  {entry.get('user_name')} ({entry.get('source')})  {entry.get('action')}  "
+              f"{entry.get('run', '')}")
     return 0
 
 
@@ -330,6 +392,11 @@ COMMANDS = {
     "stop": command_control,
     "kill": command_control,
     "resume": command_control,
+    "rename": command_rename,
+    "delete": command_delete,
+    "restore": command_restore,
+    "trash": command_trash,
+    "audit": command_audit,
     "worker": command_worker,
     "supervise": command_supervise,
     "train": command_train,
@@ -352,7 +419,7 @@ def main(argv=None) -> int:
 
     try:
         return COMMANDS[arguments.command](arguments)
-    except (CommandError, ValueError, WeightsUnavailableError) as error:
+    except (CommandError, ValueError, PermissionError, WeightsUnavailableError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:

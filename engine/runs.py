@@ -20,6 +20,7 @@ from engine import runfiles
 from engine.config import RunConfig
 from engine.locations import runs_root
 from engine.status import RunStatus, State, create_status, read_status
+from engine.users import User, local_user
 
 __all__ = ["create_run", "default_runs_dir", "get_run", "list_runs", "listing_signature", "new_run_id",
            "read_status", "resolve_run", "run_folders", "RunStatus", "State"]
@@ -38,14 +39,15 @@ def new_run_id(config: RunConfig) -> str:
     return f"{stamp}-{label}-{secrets.token_hex(2)}"
 
 
-def create_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, owner: str = "") -> Path:
+def create_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, owner: Optional[User] = None) -> Path:
     """Creates `runs/<run_id>/` with `config.json` and a `queued` status; returns the folder.
 
     Args:
         config: The run's settings.
         runs_dir: The runs root (default `default_runs_dir()`).
-        owner: Who starts the run; it never changes afterwards (empty until sign-in exists).
+        owner: Who starts the run (default: the local user); it never changes afterwards.
     """
+    owner = owner or local_user()
     root = Path(runs_dir or default_runs_dir())
     root.mkdir(parents=True, exist_ok=True)
     while True:
@@ -56,7 +58,7 @@ def create_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, 
         except FileExistsError:
             continue
     config.save(run_dir / runfiles.CONFIG_FILE)
-    create_status(run_dir, owner=owner, name=config.name, backbone=config.model.backbone,
+    create_status(run_dir, owner=owner.id, owner_name=owner.name, name=config.name, backbone=config.model.backbone,
                   dataset=config.data.path,
                   epochs=config.training.epochs + (config.fine_tuning.epochs if config.fine_tuning.enabled else 0))
     return run_dir

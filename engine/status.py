@@ -108,7 +108,8 @@ class RunStatus:
         stage: What it is doing (machine-readable).
         message: One human sentence about it.
         error: The failure's one-line message, when `state` is failed.
-        owner: Who started the run (empty until sign-in exists).
+        owner: Who started the run (`engine.users.User.id`); it never changes.
+        owner_name: The owner's name, for display.
         name, backbone, dataset: What lists show about the run (from its config).
         epoch, epochs, step, steps: Progress: the epoch under way of all planned, the batch of the epoch.
         eta_seconds, images_per_second: Estimated time left and the current speed.
@@ -119,6 +120,7 @@ class RunStatus:
         pid, host: The live worker's process id and host (None when no worker runs).
         launch_id: Which launch of the run is current; only it may write progress.
         resumed: How many times the run was resumed.
+        priority: Queue priority set by an admin (higher goes first; 0 for none).
         path: The run folder as it was read (not stored in the file).
     """
 
@@ -128,6 +130,7 @@ class RunStatus:
     message: str = ""
     error: Optional[str] = None
     owner: str = ""
+    owner_name: str = ""
     name: str = ""
     backbone: Optional[str] = None
     dataset: Optional[str] = None
@@ -149,6 +152,7 @@ class RunStatus:
     host: Optional[str] = None
     launch_id: Optional[str] = None
     resumed: int = 0
+    priority: int = 0
     schema: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)
 
@@ -165,10 +169,10 @@ class RunStatus:
 
 
 FIELD_TYPES = {
-    "epoch": int, "epochs": int, "step": int, "steps": int, "pid": int, "resumed": int, "schema": int,
+    "epoch": int, "epochs": int, "step": int, "steps": int, "pid": int, "resumed": int, "priority": int, "schema": int,
     "eta_seconds": float, "images_per_second": float, "best_val_accuracy": float, "validation_accuracy": float,
     "queued_at": float, "launched_at": float, "heartbeat": float,
-    "message": str, "error": str, "owner": str, "name": str, "backbone": str, "dataset": str,
+    "message": str, "error": str, "owner": str, "owner_name": str, "name": str, "backbone": str, "dataset": str,
     "created": str, "started": str, "finished": str, "host": str, "launch_id": str, "run_id": str,
 }
 
@@ -298,6 +302,40 @@ def create_status(run_dir: str | os.PathLike, **summary: Any) -> RunStatus:
         return _write(run_dir, RunStatus(
             run_id=Path(run_dir).name, state=State.QUEUED, stage=Stage.QUEUED, message="Waiting to start.",
             created=now_iso(), queued_at=now, heartbeat=now, **summary))
+
+
+# The fields a run's owner or an admin may change by hand at any time (not progress, not state).
+EDITABLE_FIELDS = frozenset({"name"})
+
+
+def edit_summary(run_dir: str | os.PathLike, **fields: Any) -> RunStatus:
+    """Changes what a person may edit about a run (its name), under the run's lock, in any state.
+
+    Raises:
+        ValueError: a field that is not editable.
+        IllegalTransition: the status is unreadable.
+    """
+    unknown = set(fields) - EDITABLE_FIELDS
+    if unknown:
+        raise ValueError(f"Only {', '.join(sorted(EDITABLE_FIELDS))} can be edited; received {', '.join(sorted(unknown))}.")
+    with status_lock(run_dir):
+        current = read_status(run_dir)
+        if current.state is State.UNKNOWN:
+            raise IllegalTransition(f"Run {current.run_id}'s status.json is missing or unreadable.")
+        return _write(run_dir, current.with_changes(**fields))
+
+
+def set_priority(run_dir: str | os.PathLike, priority: int) -> RunStatus:
+    """Sets a queued run's priority in the queue (higher goes first), under the run's lock.
+
+    Raises:
+        IllegalTransition: the run is not queued.
+    """
+    with status_lock(run_dir):
+        current = read_status(run_dir)
+        if current.state is not State.QUEUED:
+            raise IllegalTransition(f"Run {current.run_id} is {current.state}; only a queued run can be reordered.")
+        return _write(run_dir, current.with_changes(priority=priority))
 
 
 def transition(run_dir: str | os.PathLike, to: State, *, stage: Stage, message: str,

@@ -12,18 +12,19 @@ from engine.runs import create_run, get_run, list_runs
 from engine.status import (IllegalTransition, LaunchStatus, Stage, State, read_status, record_progress,
                            transition)
 from engine.train import FAULT_VARIABLE, run_training
+from engine.users import local_user
 from tests.conftest import epoch_events, job_config, open_page, tiny_config, wait_until
 
 
 @pytest.fixture
 def queued_run(tmp_path):
-    return create_run(job_config(tmp_path / "nowhere", name="unit"), tmp_path / "runs", owner="")
+    return create_run(job_config(tmp_path / "nowhere", name="unit"), tmp_path / "runs")
 
 
 def test_a_new_run_is_queued_with_its_list_summary(queued_run):
     status = read_status(queued_run)
     assert status.state is State.QUEUED and status.stage is Stage.QUEUED
-    assert (status.backbone, status.name, status.owner, status.epochs) == ("MobileNet", "unit", "", 200)
+    assert (status.backbone, status.name, status.owner, status.epochs) == ("MobileNet", "unit", local_user().id, 200)
     assert status.dataset.endswith("nowhere") and status.created and status.pid is None
     on_disk = json.loads((queued_run / "status.json").read_text())
     assert on_disk["state"] == "queued" and on_disk["stage"] == "queued" and on_disk["schema"] == 2
