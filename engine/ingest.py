@@ -5,7 +5,9 @@ This module never imports TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -14,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from engine import locations
+from engine import locations, runfiles
+from engine.status import now_iso
+from engine.users import User, local_user
+
+# Written into each upload's folder: whose it is and when it came.
+UPLOAD_NOTE = ".upload.json"
 
 
 def resolve_in_roots(path: str | os.PathLike, roots: list[Path]) -> Path:
@@ -107,18 +114,51 @@ class ZipLimits:
     max_ratio: float = 200.0
 
 
+def user_folder_name(user: User) -> str:
+    """A folder name for a user's uploads: readable, safe on any file system, unique per user id."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", user.name or "user").strip("-")[:32] or "user"
+    return f"{readable}-{hashlib.sha256(user.id.encode('utf-8')).hexdigest()[:10]}"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded dataset: its folder, who uploaded it and when."""
+
+    path: Path
+    owner: str
+    owner_name: str
+    uploaded: str
+
+
+def list_uploads(uploads_dir: Optional[str | os.PathLike] = None) -> list[Upload]:
+    """Every uploaded dataset with its owner, newest first (everyone's: members see every run's data too)."""
+    root = Path(uploads_dir or locations.uploads_dir())
+    uploads = []
+    for note_path in root.glob(f"*/*/{UPLOAD_NOTE}"):
+        note = runfiles.read_json(note_path) or {}
+        dataset = note.get("dataset")
+        uploads.append(Upload(path=Path(dataset) if dataset else note_path.parent, owner=str(note.get("owner", "")),
+                              owner_name=str(note.get("owner_name", "")), uploaded=str(note.get("uploaded", ""))))
+    return sorted(uploads, key=lambda upload: upload.uploaded, reverse=True)
+
+
 def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str | os.PathLike] = None,
-                limits: ZipLimits = ZipLimits()) -> Path:
-    """Extracts an uploaded zip of class folders into a fresh folder of its own; returns the dataset folder.
+                limits: ZipLimits = ZipLimits(), owner: Optional[User] = None) -> Path:
+    """Extracts an uploaded zip of class folders into a fresh folder in its owner's uploads; returns the dataset folder.
 
     Members with absolute paths, `..`, or symlinks are refused (zip-slip), as are archives
     over the member-count, total-size or compression-ratio limits. A refused archive leaves
-    nothing behind.
+    nothing behind. Each user's uploads go into a folder of their own
+    (`uploads/<name>-<hash of the user id>/`), with a note of who uploaded it.
+
+    Args:
+        owner: Who uploads (default: the local user).
 
     Raises:
         ValueError: the archive is not a zip or breaks a rule; the message names the member.
     """
-    target_parent = Path(uploads_dir or locations.uploads_dir())
+    owner = owner or local_user()
+    target_parent = Path(uploads_dir or locations.uploads_dir()) / user_folder_name(owner)
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
@@ -137,11 +177,11 @@ def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str
                         _copy_limited(source, sink, member)
             except OSError as error:
                 # E.g. a member named like a folder another member already made a file.
-                shutil.rmtree(target, ignore_errors=True)
+                _remove_upload(target)
                 raise ValueError(f"The archive could not be extracted: {error.strerror or error} "
                                  f"({getattr(member, 'filename', '?')!r}); nothing was kept.") from None
             except BaseException:
-                shutil.rmtree(target, ignore_errors=True)
+                _remove_upload(target)
                 raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
         # Also a member that fails its CRC check half-way through, or an unsupported compression method.
@@ -149,9 +189,19 @@ def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str
         raise ValueError(f"The upload is not a valid zip archive{detail}.") from None
     entries = [entry for entry in target.iterdir() if not entry.name.startswith((".", "__MACOSX"))]
     # A zip of one top folder (the usual "compress folder") is that folder's dataset.
-    if len(entries) == 1 and entries[0].is_dir():
-        return entries[0]
-    return target
+    dataset = entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+    runfiles.atomic_write_json(target / UPLOAD_NOTE, {"owner": owner.id, "owner_name": owner.name,
+                                                      "uploaded": now_iso(), "dataset": str(dataset)})
+    return dataset
+
+
+def _remove_upload(target: Path) -> None:
+    """Removes a refused upload, and its user's folder when that held nothing else: nothing is left."""
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        target.parent.rmdir()
+    except OSError:
+        pass  # The user has other uploads.
 
 
 def _check_members(members, limits: ZipLimits) -> None:

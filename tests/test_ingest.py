@@ -34,7 +34,7 @@ def test_a_zip_of_one_top_folder_becomes_its_dataset(tmp_path):
     entries = {f"flowers/{path.relative_to(source)}": path.read_bytes() for path in source.rglob("*.*")}
     root = extract_zip(_zip(entries), tmp_path / "uploads")
     assert root.name == "flowers" and sorted(entry.name for entry in root.iterdir()) == ["cats", "dogs"]
-    assert root.parent.parent == tmp_path / "uploads"
+    assert root.parent.parent.parent == tmp_path / "uploads"
 
 
 @pytest.mark.parametrize("name", ["../escape.png", "/etc/evil.png", "a/../../escape.png"])
@@ -135,13 +135,23 @@ def test_every_rejected_archive_leaves_nothing_behind(tmp_path, case):
     assert sorted(entry.name for entry in tmp_path.iterdir()) == (["uploads"] if uploads.exists() else [])
 
 
-def test_each_upload_is_extracted_into_a_fresh_folder(tmp_path):
+def test_each_upload_is_extracted_into_a_fresh_folder_of_its_owner(tmp_path):
+    from engine.ingest import list_uploads
+    from engine.users import User
+
+    alice, bob = User("https://id.example.org|alice", "Alice"), User("https://id.example.org|bob", "Bob")
     entries = {"cats/a.png": b"1", "dogs/b.png": b"2"}
-    first = extract_zip(_zip(entries), tmp_path / "uploads")
-    second = extract_zip(_zip(entries), tmp_path / "uploads")
-    assert first != second and first.parent == second.parent == tmp_path / "uploads"
+    first = extract_zip(_zip(entries), tmp_path / "uploads", owner=alice)
+    second = extract_zip(_zip(entries), tmp_path / "uploads", owner=alice)
+    third = extract_zip(_zip(entries), tmp_path / "uploads", owner=bob)
+    assert first != second and first.parent == second.parent != third.parent
+    assert first.parent.parent == third.parent.parent == tmp_path / "uploads"
+    assert first.parent.name.startswith("Alice-") and third.parent.name.startswith("Bob-")
     assert first.name.startswith("upload-") and (first / "cats" / "a.png").read_bytes() == b"1"
-    assert sorted(entry.name for entry in (tmp_path / "uploads").iterdir()) == sorted([first.name, second.name])
+    assert sorted(entry.name for entry in first.parent.iterdir()) == sorted([first.name, second.name])
+    listed = {(upload.path, upload.owner_name) for upload in list_uploads(tmp_path / "uploads")}
+    assert listed == {(first, "Alice"), (second, "Alice"), (third, "Bob")}
+    assert {upload.owner for upload in list_uploads(tmp_path / "uploads")} == {alice.id, bob.id}
 
 
 def test_streamlit_settings_keep_xsrf_protection_and_a_deliberate_upload_limit():
