@@ -14,28 +14,17 @@ import numpy as np
 import pandas as pd
 
 from engine import runfiles
+from engine.metrics_reader import MetricsReader
 
 
 def metrics_frames(run_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-batch and per-epoch events as tables, with `progress` in epochs (e.g. 2.5 = half of epoch 3).
 
     After a resume, events of epochs the resumed run repeats are dropped, so each epoch appears once.
+    Reads the whole file and keeps every point; a page that redraws a growing run shares a
+    `engine.metrics_reader.MetricsReader` instead, which reads only what was appended.
     """
-    events = runfiles.read_jsonl(Path(run_dir) / runfiles.METRICS_FILE)
-    kept: list[dict] = []
-    for event in events:
-        if event.get("type") == "resume":
-            resumed_after = event.get("epoch", 0)
-            kept = [item for item in kept if item.get("epoch", 0) <= resumed_after]
-        else:
-            kept.append(event)
-    batches = pd.DataFrame([event for event in kept if event.get("type") == "batch"])
-    epochs = pd.DataFrame([event for event in kept if event.get("type") == "epoch"])
-    if not batches.empty:
-        batches["progress"] = batches["epoch"] - 1 + batches["step"] / batches["steps"]
-    if not epochs.empty:
-        epochs["progress"] = epochs["epoch"].astype(float)
-    return batches, epochs
+    return MetricsReader(run_dir, max_points=None).frames()
 
 
 def phase_two_start(epochs: pd.DataFrame):

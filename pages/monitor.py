@@ -4,12 +4,23 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import jobs
-from engine.interpret import metrics_frames, phase_two_start
+from engine.interpret import phase_two_start
+from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
 from ui import all_runs, pick_run, runs_root
 
 REFRESH_SECONDS = 1.5
 COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def metrics_reader(run_path: str) -> MetricsReader:
+    """The one reader of a run's metrics, shared by every viewer of that run.
+
+    It reads only what the run appended since any viewer last looked, so a refresh costs the
+    same on hour three of a run as in its first minute, and twenty viewers cost one read.
+    """
+    return MetricsReader(run_path)
 
 
 def curve_figure(batches, epochs, metric: str, title: str, boundary):
@@ -59,7 +70,7 @@ def live_view(run_path: str) -> None:
     # The one place this page decides liveness: a run whose worker died is recorded as failed.
     run = jobs.reconcile(run_path)
     STATE_LINES.get(run.state, st.info)(f"**{run.state.value.upper()}** — {run.message}")
-    batches, epochs = metrics_frames(run_path)
+    batches, epochs = metrics_reader(str(run_path)).frames()
     epoch, total = run.epoch or 0, run.epochs or 0
     running = run.state is State.RUNNING
     step_fraction = 0.0
@@ -94,7 +105,7 @@ def compare(runs: list[RunStatus], current: RunStatus) -> None:
         return
     figure = go.Figure()
     for run_id in [current.run_id] + others:
-        _, epochs = metrics_frames(runs_root() / run_id)
+        _, epochs = metrics_reader(str(runs_root() / run_id)).frames()
         if not epochs.empty:
             figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs["val_accuracy"], mode="lines+markers", name=run_id))
     figure.update_layout(xaxis_title="epoch", yaxis_tickformat=".0%", height=340, margin=dict(t=20, b=10))
