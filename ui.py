@@ -10,6 +10,7 @@ from PIL import Image
 from engine import jobs
 from engine.runs import RunListing, default_runs_dir
 from engine.status import RunStatus
+from engine.users import AccessSettings, Role, User, access_settings
 
 
 def secret_data_roots() -> list[str]:
@@ -21,11 +22,40 @@ def secret_data_roots() -> list[str]:
     return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
 
 
+def access_limits() -> AccessSettings:
+    """The server's per-user limits and role lists from `.streamlit/secrets.toml` (none in local mode).
+
+    A setting of the wrong type is not hidden: `access_settings` names it.
+    """
+    try:
+        secrets = {key: st.secrets[key] for key in st.secrets}
+    except Exception:  # noqa: BLE001 - no secrets file at all is the normal local case
+        return AccessSettings()
+    return access_settings(secrets)
+
+
+def owner_label(run: RunStatus) -> str:
+    """Who owns a run, for lists: their name, or a note for runs from before owners were kept."""
+    return run.owner_name or run.owner or "(no owner)"
+
+
 def run_label(run: RunStatus, show_state: bool = True) -> str:
-    """How a run is named in pickers: id, state and best accuracy."""
+    """How a run is named in pickers: its name or id, state, best accuracy and owner."""
     best = run.best_val_accuracy
     best_text = f" · best {best:.1%}" if best is not None and show_state else ""
-    return f"{run.run_id} · {run.state.value}{best_text}" if show_state else f"{run.run_id} · {run.backbone}"
+    title = f"{run.name} ({run.run_id})" if run.name else run.run_id
+    if show_state:
+        return f"{title} · {run.state.value}{best_text} · {owner_label(run)}"
+    return f"{title} · {run.backbone} · {owner_label(run)}"
+
+
+def permission_note(user: User, run: RunStatus) -> str:
+    """Why the run's controls are off for this user, or "" when they may control it."""
+    if user.can_control(run.owner):
+        return ""
+    if user.role is Role.VIEWER:
+        return "You are signed in as a viewer: you can look, not change runs."
+    return f"This run belongs to {owner_label(run)}: only they or an admin can stop, resume, rename or delete it."
 
 
 def pick_run(runs: list[RunStatus], key: str, label: str = "Run", preferred: str | None = None,

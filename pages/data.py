@@ -11,10 +11,11 @@ from engine.config import ConfigError, RunConfig, get_setting
 from engine.data import DataError, dataset_fingerprint, make_split, scan_dataset, split_counts
 from engine.doctor import check_dataset, finding_pairs
 from engine.images import printable
-from engine.ingest import extract_zip, list_dataset_folders, resolve_in_roots
+from engine.ingest import extract_zip, list_dataset_folders, list_uploads, resolve_in_roots
 from engine.locations import data_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
+from signin import current_user
 from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
@@ -70,9 +71,17 @@ def choose_dataset() -> str | None:
         upload = st.file_uploader("A .zip of class folders (one folder per class)", type=["zip"])
         if upload is not None and st.button("Unpack and use", type="primary"):
             try:
-                st.session_state["dataset_path"] = str(extract_zip(upload))
+                st.session_state["dataset_path"] = str(extract_zip(upload, owner=current_user()))
             except ValueError as error:
                 st.error(str(error))
+        uploads = list_uploads()
+        if uploads:
+            # Each person's uploads are kept in a folder of their own; everyone can train on them.
+            earlier = st.selectbox("…or use an earlier upload", uploads, index=None, key="earlier_upload",
+                                   format_func=lambda upload: f"{upload.path.name} · {upload.owner_name or upload.owner}"
+                                                              f" · {upload.uploaded}")
+            if earlier is not None and st.button("Use this upload"):
+                st.session_state["dataset_path"] = str(earlier.path)
     if "dataset_path" not in st.session_state:
         # First visit: show the built-in sample, so there is something to look at and train on.
         st.session_state["dataset_path"] = str(ensure_sample("digits").resolve())

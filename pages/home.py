@@ -1,33 +1,28 @@
-"""Home: what Transfer Studio does, the runs so far, and the next step."""
+"""Home: what Transfer Studio does, the runs so far with their owners, and the next step.
+
+Below the runs: renaming and deleting a run (its owner or an admin), the trash, and for
+admins the queue and the audit log. Every change goes through `engine.jobs`, which checks
+the user again, so a button shown by mistake still cannot change another person's run.
+"""
 
 import pandas as pd
 import streamlit as st
 
-from ui import all_runs, runs_root
+from engine import audit, jobs
+from engine.status import State
+from engine.users import Role
+from signin import current_user
+from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root
 
-st.title("Transfer Studio")
-st.markdown(
-    "Build an image classifier from folders of labelled pictures by **transfer learning**: "
-    "a network already trained on millions of photos is reused, and only a small new part "
-    "learns your classes. Train it, watch it learn, and see exactly which pictures it confuses."
-)
+ENDED = (State.FINISHED, State.STOPPED, State.FAILED, State.UNKNOWN)
 
-runs = all_runs()
-first, second, third = st.columns(3)
-first.page_link("pages/data.py", label="1. Choose your images", icon=":material/folder_open:")
-second.page_link("pages/train.py", label="2. Train a classifier", icon=":material/model_training:")
-third.page_link("pages/monitor.py", label="3. Watch it learn", icon=":material/monitoring:")
 
-st.subheader("Runs")
-if not runs:
-    st.info(
-        "No runs yet. Start with **1. Choose your images**: the built-in *digits* sample trains in a "
-        f"minute. Runs are kept in `{runs_root()}`."
-    )
-else:
+def runs_table(runs) -> None:
     table = pd.DataFrame([
         {
             "Run": run.run_id,
+            "Name": run.name,
+            "Owner": owner_label(run),
             "State": run.state.value,
             "Backbone": run.backbone,
             "Dataset": run.dataset,
@@ -46,6 +41,100 @@ else:
             )
         },
     )
+
+
+def manage_a_run(runs, user) -> None:
+    """Rename or delete one run: its owner or an admin."""
+    with st.expander("Rename or delete a run"):
+        run = pick_run(runs, key="manage_run", label="Run")
+        note = permission_note(user, run)
+        if note:
+            st.caption(note)
+        name = st.text_input("New name", value=run.name, key="manage_name", disabled=bool(note))
+        left, right = st.columns(2)
+        if left.button("Rename", disabled=bool(note), key="rename"):
+            act(lambda: jobs.rename(run.run_id, name, runs_root(), user=user, source="page"), "Renamed.")
+        if right.button("Move to the trash", disabled=bool(note) or run.state not in ENDED, key="delete",
+                        help="Nothing is removed: the run can be restored from the trash below. "
+                             "A queued or running run must be stopped first."):
+            act(lambda: jobs.delete(run.run_id, runs_root(), user=user, source="page"), "Moved to the trash.")
+
+
+def trash_section(user) -> None:
+    deleted = jobs.trash(runs_root())
+    if not deleted:
+        return
+    with st.expander(f"Trash ({len(deleted)})"):
+        for run in deleted:
+            left, right = st.columns([4, 1])
+            left.write(f"{run.run_id} · {run.state.value} · {owner_label(run)}")
+            if right.button("Restore", key=f"restore-{run.run_id}", disabled=not user.can_control(run.owner)):
+                act(lambda run_id=run.run_id: jobs.restore(run_id, runs_root(), user=user, source="page"),
+                    "Restored.")
+
+
+def administration(runs, user) -> None:
+    """For admins: how many runs train at once, the queue's order, and the audit log."""
+    with st.expander("Administration: queue and audit log"):
+        count = st.number_input("Runs that may train at once", min_value=1, max_value=64, step=1,
+                                value=jobs.max_concurrent(runs_root()), key="max_concurrent",
+                                help="On a CPU machine one run at a time is usually fastest overall.")
+        if st.button("Apply", key="apply_max_concurrent"):
+            act(lambda: jobs.set_max_concurrent(int(count), runs_root(), user=user, source="page"), "Applied.")
+        queued = [run for run in runs if run.state is State.QUEUED]
+        st.markdown(f"**Queue** ({len(queued)} waiting; runs start in turn across people)")
+        for run in queued:
+            left, middle, right = st.columns([4, 1, 1])
+            left.write(f"{run.run_id} · {owner_label(run)}")
+            if middle.button("To the front", key=f"front-{run.run_id}"):
+                act(lambda run_id=run.run_id: jobs.move_to_front(run_id, runs_root(), user=user, source="page"),
+                    "Moved to the front.")
+            if right.button("Cancel", key=f"cancel-{run.run_id}"):
+                act(lambda run_id=run.run_id: jobs.stop(run_id, runs_root(), user=user, source="page"), "Cancelled.")
+        entries = audit.read(runs_root())
+        st.markdown(f"**Audit log** ({len(entries)} entries, newest first)")
+        if entries:
+            st.dataframe(pd.DataFrame(reversed(entries[-500:])), hide_index=True, key="audit_log")
+
+
+def act(change, done: str) -> None:
+    """Runs one change through the engine, saying what happened or why it was refused."""
+    try:
+        change()
+    except (PermissionError, ValueError) as error:
+        st.error(str(error))
+        return
+    st.toast(done)
+    st.rerun()
+
+
+st.title("Transfer Studio")
+st.markdown(
+    "Build an image classifier from folders of labelled pictures by **transfer learning**: "
+    "a network already trained on millions of photos is reused, and only a small new part "
+    "learns your classes. Train it, watch it learn, and see exactly which pictures it confuses."
+)
+
+user = current_user()
+access_limits()  # a malformed access setting in secrets.toml is reported here, on the first page
+runs = all_runs()
+first, second, third = st.columns(3)
+first.page_link("pages/data.py", label="1. Choose your images", icon=":material/folder_open:")
+second.page_link("pages/train.py", label="2. Train a classifier", icon=":material/model_training:")
+third.page_link("pages/monitor.py", label="3. Watch it learn", icon=":material/monitoring:")
+
+st.subheader("Runs")
+if not runs:
+    st.info(
+        "No runs yet. Start with **1. Choose your images**: the built-in *digits* sample trains in a "
+        f"minute. Runs are kept in `{runs_root()}`."
+    )
+else:
+    runs_table(runs)
     left, right = st.columns(2)
     left.page_link("pages/evaluate.py", label="Explore a finished run's mistakes", icon=":material/grid_on:")
     right.page_link("pages/predict.py", label="Try a model on new images", icon=":material/image_search:")
+    manage_a_run(runs, user)
+trash_section(user)
+if user.role is Role.ADMIN:
+    administration(runs, user)

@@ -7,7 +7,8 @@ from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_
 from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_dotted, settings, with_offline_backbone
 from engine.ingest import resolve_in_roots
 from engine.locations import data_roots, presets_dir
-from ui import runs_root, secret_data_roots
+from signin import current_user
+from ui import access_limits, runs_root, secret_data_roots
 
 DEFAULT_SIZE = 0  # shown as "backbone default"
 SETTINGS = {declared.name: declared for declared in settings()}
@@ -117,7 +118,8 @@ def backbone_label(name: str, offline: dict) -> str:
     return f"{name} — {BACKBONES[name].family} ({ready})"
 
 
-def draw_form() -> bool:
+def draw_form(disabled: bool = False) -> bool:
+    """Every setting in one form; True when Start was pressed (`disabled` for viewers)."""
     offline = {row["name"]: row["available"] or bool(row["available_alphas"]) for row in weights_status()}
     with st.form("train_form"):
         st.subheader("Data")
@@ -206,7 +208,7 @@ def draw_form() -> bool:
             widget(st.number_input, "data.split_seed", step=1)
             widget(st.selectbox, "data.cache")
             widget(st.text_input, "name")
-        return st.form_submit_button("Start training", type="primary")
+        return st.form_submit_button("Start training", type="primary", disabled=disabled)
 
 
 st.title("Train")
@@ -247,12 +249,19 @@ with st.expander("Which backbones are ready offline?"):
                    "weights file": row["weights_file"], "folder": row["folder"]} for row in weights_status()],
                  hide_index=True)
 
-if draw_form():
+user = current_user()
+if not user.can_start:
+    st.warning("You are signed in as a viewer: you can look at every run, but not start one.")
+if draw_form(disabled=not user.can_start):
     config, errors = validate(collect())
     st.session_state["train_errors"] = errors
     if errors:
         st.rerun()
-    run_id = jobs.start(config, runs_root())
+    try:
+        run_id = jobs.start(config, runs_root(), user=user, limits=access_limits(), source="page")
+    except (PermissionError, jobs.QuotaExceeded) as error:
+        st.error(str(error))
+        st.stop()
     st.session_state["current_run"] = run_id
     st.query_params["run"] = run_id
     st.switch_page("pages/monitor.py")

@@ -186,3 +186,50 @@ def test_the_cli_refuses_cross_user_control_in_one_line(tmp_path, executor):
     assert run_cli("restore", run_id, "--runs-dir", runs_dir).returncode == 0
     refused = run_cli("restore", "no-such-run", "--runs-dir", runs_dir)
     assert refused.returncode == 2 and refused.stderr.startswith("error: No run 'no-such-run' in the trash")
+
+
+@pytest.fixture
+def signed_in_as(monkeypatch):
+    """Pages see `user` as the signed-in user (the real sign-in is tested in tests/test_signin.py)."""
+    import signin
+
+    def sign_in(user):
+        monkeypatch.setattr(signin, "current_user", lambda: user)
+
+    return sign_in
+
+
+def test_pages_offer_no_control_of_another_persons_run(app_environment, signed_in_as, executor):
+    from tests.conftest import open_page
+
+    runs_dir = app_environment / "runs"
+    run_id = start(runs_dir, ALICE, "hers")
+    finish(runs_dir, run_id)
+    signed_in_as(BOB)
+    home = open_page("pages/home.py")
+    assert not home.exception, home.exception
+    assert list(home.dataframe[0].value["Owner"]) == ["Alice"]
+    assert home.button(key="rename").disabled and home.button(key="delete").disabled
+    assert any("belongs to Alice" in caption.value for caption in home.caption)
+    assert not [expander for expander in home.expander if "Administration" in expander.label]
+    signed_in_as(ALICE)
+    home = open_page("pages/home.py")
+    assert not home.button(key="rename").disabled and not home.button(key="delete").disabled
+    home.button(key="delete").click().run()
+    assert jobs.trash(runs_dir)[0].run_id == run_id
+    signed_in_as(ROOT)
+    home = open_page("pages/home.py")
+    assert [expander for expander in home.expander if "Administration" in expander.label]
+    home.button(key=f"restore-{run_id}").click().run()
+    assert [run.run_id for run in list_runs(runs_dir)] == [run_id]
+    assert [entry["action"] for entry in audit.read(runs_dir)][-2:] == ["delete", "restore"]
+
+
+def test_a_viewer_cannot_start_from_the_train_page(app_environment, signed_in_as):
+    from tests.conftest import open_page
+
+    signed_in_as(CAROL)
+    train = open_page("pages/train.py")
+    assert not train.exception, train.exception
+    assert any("viewer" in warning.value for warning in train.warning)
+    assert [button for button in train.button if button.label == "Start training"][0].disabled
