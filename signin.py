@@ -125,6 +125,14 @@ def _problem_page(error: SignInError):
     return sign_in_problem
 
 
+def _only(screen, title: str, icon: str, pages: Sequence[st.Page]) -> list:
+    # One screen, also at every page's address (hidden from any menu): a signed-out
+    # visitor's bookmark shows that screen, not a "Page not found" dialog.
+    addresses = [page.url_path for page in pages if page.url_path]
+    return [st.Page(screen, title=title, icon=icon, default=True),
+            *(st.Page(screen, title=title, url_path=address, visibility="hidden") for address in addresses)]
+
+
 def gate(pages: Sequence[st.Page]) -> list:
     """The pages this visitor may open: all of `pages`, or only a sign-in screen.
 
@@ -140,9 +148,9 @@ def gate(pages: Sequence[st.Page]) -> list:
         if not signed_in_mode():
             return list(pages)
         if _signed_in_claims() is None:
-            return [st.Page(sign_in_page, title="Sign in", icon=":material/login:", default=True)]
+            return _only(sign_in_page, "Sign in", ":material/login:", pages)
         user = current_user()
     except SignInError as error:
-        return [st.Page(_problem_page(error), title="Sign-in problem", icon=":material/lock:", default=True)]
+        return _only(_problem_page(error), "Sign-in problem", ":material/lock:", pages)
     show_user_in_sidebar(user)
     return list(pages)
