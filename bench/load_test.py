@@ -33,7 +33,8 @@ process, as one Streamlit server), half on each long run, each rerunning the pag
 `--refresh` seconds (the live view's period) for `--seconds` from the moment all have opened
 their page (the opening burst is not measured), while a writer thread appends a
 batch event to each long run every `--write-interval` seconds (an epoch event every
-`--steps-per-epoch` batches), as a training worker does. It prints the process's CPU use
+`--steps-per-epoch` batches), as a training worker does; the appended epochs are fine-tuning
+ones, so the charts carry the fine-tuning marker. It prints the process's CPU use
 (CPU time ÷ wall time, in cores; the AppTest harness's own parsing of every page is
 included, so a real server spends less), the median, 95th-percentile and maximum refresh
 time, and every exception or error a page showed. Targets: under one core, p95 under
@@ -132,8 +133,9 @@ class MetricsWriter:
             events = runfiles.read_jsonl(run_dir / runfiles.METRICS_FILE)
             batch = next(event for event in reversed(events) if event.get("type") == "batch")
             epoch = next(event for event in reversed(events) if event.get("type") == "epoch")
-            self.runs.append({"path": run_dir / runfiles.METRICS_FILE, "batch": batch, "epoch_event": epoch,
-                              "epoch": int(epoch["epoch"]) + 1, "step": 0})
+            # The appended epochs are fine-tuning (phase 2), so the charts carry the fine-tuning marker.
+            self.runs.append({"path": run_dir / runfiles.METRICS_FILE, "batch": dict(batch, phase=2),
+                              "epoch_event": dict(epoch, phase=2), "epoch": int(epoch["epoch"]) + 1, "step": 0})
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
