@@ -36,7 +36,7 @@ def auth_section(app_url: str, provider_url: str) -> dict:
             "server_metadata_url": f"{provider_url}/.well-known/openid-configuration"}
 
 
-def open_app(secrets: dict | None = None, user: dict | None = None, page: str | None = None):
+def open_app(secrets: dict | None = None, user: dict | None = None):
     """A fresh AppTest session of the dashboard with these secrets and `st.user` claims, run once."""
     from streamlit.testing.v1 import AppTest
 
@@ -45,8 +45,6 @@ def open_app(secrets: dict | None = None, user: dict | None = None, page: str | 
         app.secrets[key] = value
     # AppTest's default user has an e-mail but no `is_logged_in`: a signed-out visitor.
     app.user = user if user is not None else {}
-    if page:
-        app.switch_page(page)
     return app.run()
 
 
@@ -59,7 +57,24 @@ def sidebar_text(app) -> list[str]:
     return [element.value for element in [*app.sidebar.markdown, *app.sidebar.caption]]
 
 
-def test_local_mode_is_unchanged_and_the_user_is_the_system_user(app_environment):
+@pytest.fixture
+def secrets_from(monkeypatch):
+    """Points `st.secrets` at one file for code run outside a script (restored afterwards)."""
+    import streamlit
+    from streamlit import config
+    from streamlit.runtime.secrets import Secrets
+
+    original = config.get_option("secrets.files")
+
+    def use(path: Path) -> None:
+        monkeypatch.setattr(streamlit, "secrets", Secrets())
+        config.set_option("secrets.files", [str(path)])
+
+    yield use
+    config.set_option("secrets.files", original)
+
+
+def test_local_mode_is_unchanged_and_the_user_is_the_system_user(app_environment, secrets_from, tmp_path):
     import signin
     from engine.users import local_user
 
@@ -69,6 +84,8 @@ def test_local_mode_is_unchanged_and_the_user_is_the_system_user(app_environment
     # No sign-in screen, no user box, no sign-out button: local mode looks as it always did.
     assert not [button for button in app.button if button.label in ("Sign in", "Sign out")]
     assert sidebar_text(app) == []
+    secrets_from(tmp_path / "absent.toml")
+    assert signin.signed_in_mode() is False
     assert signin.current_user() == local_user()
 
 
@@ -117,34 +134,21 @@ def test_malformed_access_lists_stop_the_dashboard(app_environment):
     assert not app.selectbox and sidebar_text(app) == []
 
 
-def test_an_unreadable_secrets_file_never_falls_back_to_local_mode(tmp_path, monkeypatch):
-    import streamlit
-    from streamlit import config
-    from streamlit.runtime.secrets import Secrets
-
+def test_an_unreadable_secrets_file_never_falls_back_to_local_mode(tmp_path, secrets_from):
     import signin
 
-    def secrets_from(path: Path) -> Secrets:
-        monkeypatch.setattr(streamlit, "secrets", Secrets())
-        config.set_option("secrets.files", [str(path)])
-        return streamlit.secrets
-
-    original = config.get_option("secrets.files")
-    try:
-        secrets_from(tmp_path / "absent.toml")
-        assert signin.signed_in_mode() is False
-        broken = tmp_path / "broken.toml"
-        broken.write_text('[auth]\nredirect_uri = "http://localhost:8501/oauth2callback\n')
-        secrets_from(broken)
-        with pytest.raises(signin.SignInError, match="secrets file cannot be read"):
-            signin.signed_in_mode()
-        not_a_table = tmp_path / "not_a_table.toml"
-        not_a_table.write_text('auth = "yes"\n')
-        secrets_from(not_a_table)
-        with pytest.raises(signin.SignInError, match=r"must be a table"):
-            signin.signed_in_mode()
-    finally:
-        config.set_option("secrets.files", original)
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[auth]\nredirect_uri = "http://localhost:8501/oauth2callback\n')
+    secrets_from(broken)
+    with pytest.raises(signin.SignInError, match="secrets file cannot be read"):
+        signin.signed_in_mode()
+    not_a_table = tmp_path / "not_a_table.toml"
+    not_a_table.write_text('auth = "yes"\n')
+    secrets_from(not_a_table)
+    with pytest.raises(signin.SignInError, match="must be a table"):
+        signin.signed_in_mode()
+    with pytest.raises(signin.SignInError, match="must be a table"):
+        signin.current_user()
 
 
 # ---------------------------------------------------------------------------------------
