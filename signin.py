@@ -142,7 +142,7 @@ def gate(pages: Sequence[st.Page]) -> list:
     issuer or subject, malformed access lists) gets one page that says why, never local mode.
 
     Always returns pages for `st.navigation`: a script that stopped before `st.navigation`
-    would leave Streamlit to fall back to the files in `pages/`.
+    would leave Streamlit to run the entry script as a page of its own.
     """
     try:
         if not signed_in_mode():

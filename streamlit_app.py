@@ -7,12 +7,12 @@ import signin
 st.set_page_config(page_title="Transfer Studio", page_icon=":material/neurology:", layout="wide")
 
 pages = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/data.py", title="Data", icon=":material/folder_open:"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
-    st.Page("pages/predict.py", title="Predict", icon=":material/image_search:"),
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("app_pages/data.py", title="Data", icon=":material/folder_open:"),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("app_pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
+    st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
+    st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:"),
 ]
 # Without `[auth]` in the secrets (local mode) every page; with it, only a sign-in screen
 # until the visitor has signed in (signin.py).

@@ -26,7 +26,7 @@ One small finished run is trained (MobileNet α=0.25, random weights, 32 px, 2 e
 process, offline; or `--template`), and copied three times under a temporary runs root: a short
 run as it is, and two long runs whose `metrics.jsonl` is padded to `--metrics-mb` MB of per-batch
 events (hours of a real run). First, the single-refresh comparison: one Monitor session
-(Streamlit's AppTest of `streamlit_app.py`, switched to `pages/monitor.py`) per run, opened
+(Streamlit's AppTest of `streamlit_app.py`, switched to `app_pages/monitor.py`) per run, opened
 once, then rerun five times; the medians of the reruns of the long and the short run, and
 their ratio (target: at most 2×). Then `--viewers` sessions in threads of this process (one
 process, as one Streamlit server), half on each long run, each rerunning the page every
@@ -243,7 +243,7 @@ def open_monitor(run_id: str):
 
     app = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
     app.query_params["run"] = run_id
-    app.switch_page("pages/monitor.py")
+    app.switch_page("app_pages/monitor.py")
     with APP_TEST_TURN:
         return app.run()
 

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = {"Home": "pages/home.py", "Monitor": "pages/monitor.py", "Evaluate": "pages/evaluate.py"}
+PAGES = {"Home": "app_pages/home.py", "Monitor": "app_pages/monitor.py", "Evaluate": "app_pages/evaluate.py"}
 METRICS_FILE = "metrics.jsonl"
 # Files above this size (the saved models) are hard-linked into each copy; the rest are copied.
 LINK_ABOVE_BYTES = 64 * 1024

@@ -209,7 +209,7 @@ def open_page(page: str):
 
 def open_folder_on_data_page(folder):
     """The Data page with `folder` chosen as a folder on the server, as a user would choose it."""
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     app.radio(key="data_source").set_value("Folder on the server").run()
     app.text_input(key="typed_path").set_value(str(folder)).run()
     app.button[0].click().run()

@@ -13,8 +13,8 @@ from engine.status import State
 from engine.train import run_training
 from tests.conftest import make_dataset, open_folder_on_data_page, open_page
 
-TITLES = {"pages/home.py": "Transfer Studio", "pages/data.py": "Data", "pages/train.py": "Train",
-          "pages/monitor.py": "Monitor", "pages/evaluate.py": "Evaluate", "pages/predict.py": "Predict"}
+TITLES = {"app_pages/home.py": "Transfer Studio", "app_pages/data.py": "Data", "app_pages/train.py": "Train",
+          "app_pages/monitor.py": "Monitor", "app_pages/evaluate.py": "Evaluate", "app_pages/predict.py": "Predict"}
 PAGES = list(TITLES)
 
 
@@ -47,7 +47,7 @@ def test_every_page_renders_with_a_finished_run(page, app_environment, finished_
 
 
 def test_data_page_opens_on_the_built_in_sample(app_environment):
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     assert not app.exception
     metrics = {metric.label: metric.value for metric in app.metric}
     assert metrics["Classes"] == "10" and metrics["Usable images"] == "1797" and metrics["Left out"] == "0"
@@ -56,7 +56,7 @@ def test_data_page_opens_on_the_built_in_sample(app_environment):
 
 def test_data_page_refuses_a_folder_outside_the_roots(app_environment, tmp_path):
     outside = make_dataset(tmp_path / "elsewhere", per_class=3)
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     app.radio(key="data_source").set_value("Folder on the server").run()
     app.text_input(key="typed_path").set_value(str(outside)).run()
     app.button[0].click().run()
@@ -79,7 +79,7 @@ def test_data_page_reports_bad_files_and_imbalance(app_environment):
 
 def test_train_form_shows_a_bad_value_next_to_its_field(app_environment):
     data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     app.text_input(key="field.data.path").set_value(str(data))
     app.number_input(key="field.training.epochs").set_value(0)
     app.button[0].click().run()  # the form's submit button
@@ -92,7 +92,7 @@ def test_train_form_shows_a_bad_value_next_to_its_field(app_environment):
 
 def test_train_form_starts_a_real_run_through_the_queue(app_environment):
     data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     app.text_input(key="field.data.path").set_value(str(data))
     app.selectbox(key="field.model.backbone").set_value("MobileNet")
     app.selectbox(key="field.model.alpha").set_value(0.25)
@@ -116,7 +116,7 @@ def test_train_form_starts_a_real_run_through_the_queue(app_environment):
 
 def test_monitor_shows_a_finished_run_and_disables_stop(app_environment, finished_run, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(finished_run.parent))
-    app = open_page("pages/monitor.py")
+    app = open_page("app_pages/monitor.py")
     metrics = {metric.label: metric.value for metric in app.metric}
     assert metrics["Epoch"] == "2 / 2"
     # A finished run can neither be stopped nor resumed.
@@ -126,7 +126,7 @@ def test_monitor_shows_a_finished_run_and_disables_stop(app_environment, finishe
 
 def test_evaluate_shows_the_images_of_a_chosen_cell(app_environment, finished_run, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(finished_run.parent))
-    app = open_page("pages/evaluate.py")
+    app = open_page("app_pages/evaluate.py")
     predictions = runfiles.read_csv(finished_run / "predictions.csv")
     row = next(row for row in predictions if row["split"] == "validation")
     app.selectbox(key="cell_true").set_value(row["true"]).run()
@@ -146,9 +146,9 @@ def test_home_lists_a_running_run_and_reattaches_from_a_new_session(app_environm
     deadline = time.time() + 120
     while time.time() < deadline and not runfiles.read_jsonl(app_environment / "runs" / run_id / "metrics.jsonl"):
         time.sleep(0.5)
-    home = open_page("pages/home.py")
+    home = open_page("app_pages/home.py")
     assert list(home.dataframe[0].value["State"]) == ["running"]
-    monitor = open_page("pages/monitor.py")  # a new session: nothing remembered but the run folder
+    monitor = open_page("app_pages/monitor.py")  # a new session: nothing remembered but the run folder
     assert "RUNNING" in monitor.info[0].value
     monitor.button(key="stop").click().run()
     assert jobs.wait_for(run_id, timeout=60, runs_dir=app_environment / "runs").state is State.STOPPED
@@ -156,7 +156,7 @@ def test_home_lists_a_running_run_and_reattaches_from_a_new_session(app_environm
 
 def test_train_form_names_missing_imagenet_weights_before_starting(app_environment):
     data = make_dataset(app_environment / "appdata" / "tiny", per_class=6)
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     app.text_input(key="field.data.path").set_value(str(data))
     app.selectbox(key="field.model.backbone").set_value("ResNet50")
     app.radio(key="field.model.weights").set_value("imagenet")
@@ -168,7 +168,7 @@ def test_train_form_names_missing_imagenet_weights_before_starting(app_environme
 
 
 def test_train_form_opens_on_the_offline_backbone_and_the_digits_sample(app_environment):
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     assert app.selectbox(key="field.model.backbone").value == "EfficientNetLite0"
     assert app.text_input(key="field.data.path").value.endswith("samples/digits")
     assert app.checkbox(key="field.training.cached_features").value is True
@@ -205,7 +205,7 @@ def test_evaluate_works_with_twelve_classes(app_environment, tmp_path, monkeypat
     true = np.array([classes.index(Path(path).parent.name) for path in paths])
     probabilities = np.random.default_rng(0).dirichlet(np.ones(12), size=len(paths))
     write_evaluation(run_dir, classes, {"validation": (paths, true, probabilities)})
-    app = open_page("pages/evaluate.py")
+    app = open_page("app_pages/evaluate.py")
     assert not app.exception, app.exception
     table = next(table.value for table in app.dataframe if "precision" in table.value.columns)
     assert len(table) == 12
@@ -213,7 +213,7 @@ def test_evaluate_works_with_twelve_classes(app_environment, tmp_path, monkeypat
 
 
 def test_train_page_lists_which_backbones_are_ready_offline(app_environment):
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     table = next(table.value for table in app.dataframe if "weights file" in table.value.columns)
     rows = table.set_index("backbone")
     assert bool(rows.loc["EfficientNetLite0", "ready offline"]) is True
@@ -222,7 +222,7 @@ def test_train_page_lists_which_backbones_are_ready_offline(app_environment):
 
 
 def test_data_page_says_when_the_download_sample_cannot_be_had(app_environment):
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     app.selectbox[0].set_value("cats_vs_dogs").run()
     app.button[0].click().run()
     assert not app.exception

@@ -273,7 +273,7 @@ def open_data_page_on_tfds():
     from streamlit.testing.v1 import AppTest
 
     app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=120)
-    app.switch_page("pages/data.py")
+    app.switch_page("app_pages/data.py")
     app.run()
     app.radio(key="data_source").set_value("TensorFlow Datasets").run()
     return app

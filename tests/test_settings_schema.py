@@ -149,26 +149,26 @@ def test_flags_refuse_what_the_config_refuses(capsys):
 
 
 def test_the_split_chosen_on_the_data_page_is_the_one_the_train_form_holds(app_environment):
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     validation = app.slider(key="field.data.validation_fraction")
     assert (validation.min, validation.max) == (0.0, get_setting("data.validation_fraction").high)
     validation.set_value(0.3).run()
     app.slider(key="field.data.test_fraction").set_value(0.15).run()
     assert not app.exception, app.exception
-    app.switch_page("pages/train.py")
+    app.switch_page("app_pages/train.py")
     app.run()
     assert not app.exception, app.exception
     assert app.number_input(key="field.data.validation_fraction").value == 0.3
     assert app.number_input(key="field.data.test_fraction").value == 0.15
     assert app.number_input(key="field.data.validation_fraction").max == 0.5
     # And back: the Data page's sliders still show it.
-    app.switch_page("pages/data.py")
+    app.switch_page("app_pages/data.py")
     app.run()
     assert app.slider(key="field.data.validation_fraction").value == 0.3
 
 
 def test_a_refused_split_on_the_data_page_is_said_in_the_configs_words(app_environment):
-    app = open_page("pages/data.py")
+    app = open_page("app_pages/data.py")
     app.slider(key="field.data.validation_fraction").set_value(0.0).run()
     assert any("`data.validation_fraction` must be > 0.0" in error.value for error in app.error)
 
@@ -185,7 +185,7 @@ def test_imbalance_advice_is_given_once_on_the_data_page(app_environment):
 
 
 def test_the_train_form_places_a_config_error_by_its_field(app_environment):
-    app = open_page("pages/train.py")
+    app = open_page("app_pages/train.py")
     app.selectbox(key="field.model.backbone").set_value("VGG16")
     app.selectbox(key="field.model.alpha").set_value(0.5)
     app.button[0].click().run()

@@ -353,11 +353,9 @@ def test_users_sign_in_and_out_through_a_real_provider(signed_in_app, provider, 
 
 
 @pytest.mark.browser
-@pytest.mark.xfail(strict=True, reason=(
-    "Streamlit 1.67 runs a session's first script in multipage-v1 mode when a folder named `pages/` "
-    "sits beside streamlit_app.py (PagesManager.uses_pages_directory), so the first deep link after "
-    "the server starts opens pages/train.py without running the entry point's gate. Fixed by renaming "
-    "the page folder (e.g. app_pages/); then remove this mark."))
+# Streamlit 1.67 runs a session's first script in its old multipage mode, skipping the entry
+# point's gate, when a folder named `pages/` sits beside streamlit_app.py
+# (PagesManager.uses_pages_directory): that is why the pages live in `app_pages/`.
 def test_a_deep_link_as_the_servers_first_request_still_needs_sign_in(signed_in_app, browser):
     app_url, run_id = signed_in_app
     page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()

@@ -116,10 +116,10 @@ def test_an_old_run_folder_lists_opens_and_resumes(tiny_dataset, runs_dir, monke
     assert old.best_val_accuracy == best and old.launch_id is None and old.schema == 2
     # The pages open it as they open any run.
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(runs_dir))
-    for page in ("pages/home.py", "pages/monitor.py", "pages/evaluate.py"):
+    for page in ("app_pages/home.py", "app_pages/monitor.py", "app_pages/evaluate.py"):
         app = open_page(page)
         assert not app.exception and not app.error, (page, app.exception, [error.value for error in app.error])
-    assert "STOPPED" in open_page("pages/monitor.py").warning[0].value
+    assert "STOPPED" in open_page("app_pages/monitor.py").warning[0].value
 
     jobs.resume(run_dir.name, runs_dir)
     final = jobs.wait_for(run_dir.name, timeout=180, runs_dir=runs_dir, poll_seconds=0.2)

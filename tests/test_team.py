@@ -206,19 +206,19 @@ def test_pages_offer_no_control_of_another_persons_run(app_environment, signed_i
     run_id = start(runs_dir, ALICE, "hers")
     finish(runs_dir, run_id)
     signed_in_as(BOB)
-    home = open_page("pages/home.py")
+    home = open_page("app_pages/home.py")
     assert not home.exception, home.exception
     assert list(home.dataframe[0].value["Owner"]) == ["Alice"]
     assert home.button(key="rename").disabled and home.button(key="delete").disabled
     assert any("belongs to Alice" in caption.value for caption in home.caption)
     assert not [expander for expander in home.expander if "Administration" in expander.label]
     signed_in_as(ALICE)
-    home = open_page("pages/home.py")
+    home = open_page("app_pages/home.py")
     assert not home.button(key="rename").disabled and not home.button(key="delete").disabled
     home.button(key="delete").click().run()
     assert jobs.trash(runs_dir)[0].run_id == run_id
     signed_in_as(ROOT)
-    home = open_page("pages/home.py")
+    home = open_page("app_pages/home.py")
     assert [expander for expander in home.expander if "Administration" in expander.label]
     home.button(key=f"restore-{run_id}").click().run()
     assert [run.run_id for run in list_runs(runs_dir)] == [run_id]
@@ -229,7 +229,26 @@ def test_a_viewer_cannot_start_from_the_train_page(app_environment, signed_in_as
     from tests.conftest import open_page
 
     signed_in_as(CAROL)
-    train = open_page("pages/train.py")
+    train = open_page("app_pages/train.py")
     assert not train.exception, train.exception
     assert any("viewer" in warning.value for warning in train.warning)
     assert [button for button in train.button if button.label == "Start training"][0].disabled
+
+
+def test_the_monitor_offers_controls_to_the_owner_only(app_environment, signed_in_as, executor):
+    from tests.conftest import open_page
+
+    runs_dir = app_environment / "runs"
+    run_id = start(runs_dir, ALICE, "hers")
+    transition(runs_dir / run_id, State.STOPPED, stage=Stage.DONE, message="stopped",
+               for_launch=read_status(runs_dir / run_id).launch_id)
+    signed_in_as(BOB)
+    monitor = open_page("app_pages/monitor.py")
+    assert not monitor.exception, monitor.exception
+    assert all(monitor.button(key=key).disabled for key in ("stop", "resume", "kill"))
+    assert any("Owner: Alice" in caption.value for caption in monitor.caption)
+    signed_in_as(ALICE)
+    monitor = open_page("app_pages/monitor.py")
+    assert not monitor.button(key="resume").disabled
+    monitor.button(key="resume").click().run()
+    assert read_status(runs_dir / run_id).state in (State.QUEUED, State.RUNNING)

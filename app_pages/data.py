@@ -256,4 +256,4 @@ show_sizes(files)
 show_problems(report)
 show_doctor(path, fingerprint, scan, fractions)
 if st.button("Train on this data →", type="primary"):
-    st.switch_page("pages/train.py")
+    st.switch_page("app_pages/train.py")

@@ -264,7 +264,7 @@ if draw_form(disabled=not user.can_start):
         st.stop()
     st.session_state["current_run"] = run_id
     st.query_params["run"] = run_id
-    st.switch_page("pages/monitor.py")
+    st.switch_page("app_pages/monitor.py")
 errors = st.session_state.get("train_errors", {})
 if errors:
     st.error("Some settings need fixing; see the messages under the fields.")

@@ -7,7 +7,8 @@ from engine import jobs
 from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
-from ui import all_runs, pick_run, runs_root
+from signin import current_user
+from ui import all_runs, owner_label, permission_note, pick_run, runs_root
 
 REFRESH_SECONDS = 1.5
 COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
@@ -50,20 +51,25 @@ def curve_figure(batches, epochs, metric: str, title: str, boundary):
 
 
 def controls(run: RunStatus) -> None:
+    """Stop, Resume and Kill, for the run's owner or an admin (the engine checks again)."""
+    user = current_user()
+    note = permission_note(user, run)
     state = run.state
     left, middle, right = st.columns(3)
-    if left.button("Stop", disabled=state not in (State.RUNNING, State.QUEUED), key="stop",
-                   help="Finish the current batch, save the model and evaluate it."):
-        jobs.stop(run.run_id, runs_root())
-    if middle.button("Resume", disabled=state not in (State.STOPPED, State.FAILED), key="resume",
-                     help="Continue from the last completed epoch."):
-        try:
-            jobs.resume(run.run_id, runs_root())
-        except ValueError as error:
-            st.error(str(error))
-    if right.button("Kill", disabled=state is not State.RUNNING, key="kill",
-                    help="End the worker at once, if Stop does not respond."):
-        jobs.kill(run.run_id, runs_root())
+    try:
+        if left.button("Stop", disabled=bool(note) or state not in (State.RUNNING, State.QUEUED), key="stop",
+                       help="Finish the current batch, save the model and evaluate it."):
+            jobs.stop(run.run_id, runs_root(), user=user, source="page")
+        if middle.button("Resume", disabled=bool(note) or state not in (State.STOPPED, State.FAILED), key="resume",
+                         help="Continue from the last completed epoch."):
+            jobs.resume(run.run_id, runs_root(), user=user, source="page")
+        if right.button("Kill", disabled=bool(note) or state is not State.RUNNING, key="kill",
+                        help="End the worker at once, if Stop does not respond."):
+            jobs.kill(run.run_id, runs_root(), user=user, source="page")
+    except (PermissionError, ValueError) as error:
+        st.error(str(error))
+    if note:
+        st.caption(note)
 
 
 STATE_LINES = {State.RUNNING: st.info, State.QUEUED: st.info, State.FINISHED: st.success,
@@ -76,6 +82,7 @@ def live_view(run_path: str) -> None:
     # The one place this page decides liveness: a run whose worker died is recorded as failed.
     run = jobs.reconcile(run_path)
     STATE_LINES.get(run.state, st.info)(f"**{run.state.value.upper()}** — {run.message}")
+    st.caption(f"Owner: {owner_label(run)}")
     batches, epochs = metrics_reader(str(run_path)).frames()
     epoch, total = run.epoch or 0, run.epochs or 0
     running = run.state is State.RUNNING
@@ -122,7 +129,7 @@ st.title("Monitor")
 runs = all_runs()
 if not runs:
     st.info("No runs yet. Start one on the Train page.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 current = pick_run(runs, key="monitor_run", show_state=False)  # the live view below shows the state
 live_view(current.path)

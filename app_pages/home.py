@@ -119,9 +119,9 @@ user = current_user()
 access_limits()  # a malformed access setting in secrets.toml is reported here, on the first page
 runs = all_runs()
 first, second, third = st.columns(3)
-first.page_link("pages/data.py", label="1. Choose your images", icon=":material/folder_open:")
-second.page_link("pages/train.py", label="2. Train a classifier", icon=":material/model_training:")
-third.page_link("pages/monitor.py", label="3. Watch it learn", icon=":material/monitoring:")
+first.page_link("app_pages/data.py", label="1. Choose your images", icon=":material/folder_open:")
+second.page_link("app_pages/train.py", label="2. Train a classifier", icon=":material/model_training:")
+third.page_link("app_pages/monitor.py", label="3. Watch it learn", icon=":material/monitoring:")
 
 st.subheader("Runs")
 if not runs:
@@ -132,8 +132,8 @@ if not runs:
 else:
     runs_table(runs)
     left, right = st.columns(2)
-    left.page_link("pages/evaluate.py", label="Explore a finished run's mistakes", icon=":material/grid_on:")
-    right.page_link("pages/predict.py", label="Try a model on new images", icon=":material/image_search:")
+    left.page_link("app_pages/evaluate.py", label="Explore a finished run's mistakes", icon=":material/grid_on:")
+    right.page_link("app_pages/predict.py", label="Try a model on new images", icon=":material/image_search:")
     manage_a_run(runs, user)
 trash_section(user)
 if user.role is Role.ADMIN:
