@@ -41,10 +41,30 @@ DELETED_NOTE = "deleted.json"
 STALE_HEARTBEAT_SECONDS = 5.0
 
 
+def _queue_settings(root: Path) -> dict:
+    settings = runfiles.read_json(root / QUEUE_FILE) or {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def _update_queue_settings(root: Path, **values) -> None:
+    # Read-modify-write of queue.json; callers hold the queue lock or are admins setting a value.
+    root.mkdir(parents=True, exist_ok=True)
+    runfiles.atomic_write_json(root / QUEUE_FILE, {**_queue_settings(root), **values})
+
+
+def max_running_per_user(runs_dir: Optional[str | os.PathLike] = None) -> int:
+    """How many of one person's runs may train at once (0: no limit), as the server last said.
+
+    Kept in `queue.json`, so that every process that schedules (a supervisor whose worker
+    just ended, the CLI) applies the limit the dashboard was configured with.
+    """
+    value = _queue_settings(Path(runs_dir or default_runs_dir())).get("max_running_per_user", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def max_concurrent(runs_dir: Optional[str | os.PathLike] = None) -> int:
     """How many runs may train at once: `queue.json` in the runs root, `$TRANSFER_STUDIO_MAX_RUNS`, else 1."""
-    settings = runfiles.read_json(Path(runs_dir or default_runs_dir()) / QUEUE_FILE) or {}
-    value = settings.get("max_concurrent") if isinstance(settings, dict) else None
+    value = _queue_settings(Path(runs_dir or default_runs_dir())).get("max_concurrent")
     if value is None:
         value = os.environ.get("TRANSFER_STUDIO_MAX_RUNS", 1)
     try:
@@ -91,8 +111,8 @@ def set_max_concurrent(count: int, runs_dir: Optional[str | os.PathLike] = None,
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"`max_concurrent` must be a whole number ≥ 1; received max_concurrent={count!r}.")
     root = Path(runs_dir or default_runs_dir())
-    root.mkdir(parents=True, exist_ok=True)
-    runfiles.atomic_write_json(root / QUEUE_FILE, {"max_concurrent": count})
+    with _queue_lock(root):
+        _update_queue_settings(root, max_concurrent=count)
     audit.record(root, user, "set_max_concurrent", source=source, detail={"max_concurrent": count})
     schedule(root)
 
@@ -119,6 +139,9 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
     if not user.can_start:
         raise PermissionError(f"{user.name} is a viewer: viewers see runs but cannot start them.")
     root = Path(runs_dir or default_runs_dir())
+    if limits and limits.max_running_per_user != max_running_per_user(root):
+        with _queue_lock(root):
+            _update_queue_settings(root, max_running_per_user=limits.max_running_per_user)
     if limits and limits.max_queued_per_user:
         with _queue_lock(root):
             waiting = sum(1 for folder in run_folders(root)
@@ -129,7 +152,7 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
                                 "created. Wait for one to start, or stop one.")
     run_dir = create_run(config, root, owner=user)
     audit.record(root, user, "start", run_dir.name, source)
-    schedule(root, limits)
+    schedule(root)
     return run_dir.name
 
 
@@ -175,7 +198,7 @@ def reconcile_stale(runs: Iterable[RunStatus], runs_dir: Optional[str | os.PathL
     return ended
 
 
-def schedule(runs_dir: Optional[str | os.PathLike] = None, limits: Optional[AccessSettings] = None) -> list[str]:
+def schedule(runs_dir: Optional[str | os.PathLike] = None) -> list[str]:
     """Reconciles the running runs, then launches queued runs while slots are free, round-robin by owner.
 
     Safe to call from any process at any time: a lock in the runs root makes callers
@@ -191,8 +214,7 @@ def schedule(runs_dir: Optional[str | os.PathLike] = None, limits: Optional[Acce
             status = read_status(run_dir)
             statuses.append(reconcile(run_dir) if status.state is State.RUNNING else status)
         free = max_concurrent(root) - sum(1 for status in statuses if status.state is State.RUNNING)
-        per_user = limits.max_running_per_user if limits else 0
-        for status in next_in_turn(statuses, free, per_user):
+        for status in next_in_turn(statuses, free, max_running_per_user(root)):
             if _launch(Path(status.path)):
                 launched.append(status.run_id)
     return launched

@@ -130,6 +130,9 @@ def test_per_user_limits_refuse_a_run_before_creating_it_and_cap_what_runs(tmp_p
     assert len(list_runs(runs_dir)) == 3
     start(runs_dir, BOB, "b0", limits=limits)  # others are not held back by Alice's runs
     assert executor.submitted == [started[0], list_runs(runs_dir)[0].run_id]
+    # A scheduler that never saw the secrets (a supervisor whose worker ended) keeps the limit.
+    finish(runs_dir, started[0])
+    assert executor.submitted[2:] == [started[1]]
 
 
 def test_a_deleted_run_goes_to_the_trash_and_comes_back(tmp_path, executor):
