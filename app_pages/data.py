@@ -72,7 +72,7 @@ def choose_dataset() -> str | None:
         if upload is not None and st.button("Unpack and use", type="primary"):
             try:
                 st.session_state["dataset_path"] = str(extract_zip(upload, owner=current_user()))
-            except ValueError as error:
+            except (ValueError, PermissionError) as error:
                 st.error(str(error))
         uploads = list_uploads()
         if uploads:

@@ -155,9 +155,12 @@ def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str
         owner: Who uploads (default: the local user).
 
     Raises:
+        PermissionError: a viewer (viewers look; they do not add data).
         ValueError: the archive is not a zip or breaks a rule; the message names the member.
     """
     owner = owner or local_user()
+    if not owner.can_start:
+        raise PermissionError(f"{owner.name} is a viewer: viewers see the data but cannot upload any.")
     target_parent = Path(uploads_dir or locations.uploads_dir()) / user_folder_name(owner)
     try:
         with zipfile.ZipFile(archive) as bundle:

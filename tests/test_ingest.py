@@ -152,6 +152,10 @@ def test_each_upload_is_extracted_into_a_fresh_folder_of_its_owner(tmp_path):
     listed = {(upload.path, upload.owner_name) for upload in list_uploads(tmp_path / "uploads")}
     assert listed == {(first, "Alice"), (second, "Alice"), (third, "Bob")}
     assert {upload.owner for upload in list_uploads(tmp_path / "uploads")} == {alice.id, bob.id}
+    from engine.users import Role
+
+    with pytest.raises(PermissionError, match="Carol is a viewer"):
+        extract_zip(_zip(entries), tmp_path / "uploads", owner=User("id|carol", "Carol", role=Role.VIEWER))
 
 
 def test_streamlit_settings_keep_xsrf_protection_and_a_deliberate_upload_limit():
