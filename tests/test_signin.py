@@ -1,15 +1,19 @@
 """Sign-in: local mode without `[auth]`, and Streamlit's OpenID Connect sign-in with it.
 
-The AppTest tests give `st.user` claims directly. The browser test signs real users in
+The AppTest tests give `st.user` claims directly. The browser tests sign real users in
 through a real OpenID Connect provider on localhost (oidc-provider-mock, whose login form
-takes any subject), with the app served by `streamlit run` and driven in Debian's Chromium.
+takes any subject), with the app served by `streamlit run` and driven in Debian's Chromium;
+the team test has a member train on the digits sample while another member, an admin and a
+viewer each see what their role lets them do, and the engine refuses what it must.
 Screenshots go to test-artifacts/screenshots/signin-*.png.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +25,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import REPO_ROOT, tiny_config
+from tests.conftest import REPO_ROOT, stop_live_workers, tiny_config, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
@@ -216,28 +220,25 @@ def set_provider_user(provider_url: str, subject: str, claims: dict) -> None:
         assert response.status == 204
 
 
-@pytest.fixture
-def signed_in_app(tmp_path, provider):
-    """The dashboard with `[auth]` pointing at the provider, served by `streamlit run`.
+@contextlib.contextmanager
+def serve_app(tmp_path: Path, provider_url: str, admins: list[str], viewers: list[str],
+              environment: dict | None = None):
+    """Serves the dashboard with `streamlit run`, `[auth]` pointing at the provider; yields its address.
 
-    Its secrets file is a temporary one passed with `--secrets.files`, so nothing is written
-    into the repository's .streamlit/. Alice (by verified e-mail) is an admin and Bob (by
-    issuer and subject) a viewer. One queued run exists, so a leak of the Home page would show.
+    Its secrets file is a temporary one (tmp_path/secrets.toml) passed with `--secrets.files`,
+    so nothing is written into the repository's .streamlit/. Runs go to tmp_path/runs.
     """
-    from engine.runs import create_run
-
     port = free_port()
     app_url = f"http://{HOST}:{port}"
-    runs_dir, data_dir = tmp_path / "runs", tmp_path / "appdata"
-    data_dir.mkdir()
-    run_dir = create_run(tiny_config(data_dir), runs_dir=runs_dir)
-    auth = auth_section(app_url, provider)
+    data_dir = tmp_path / "appdata"
+    data_dir.mkdir(exist_ok=True)
+    auth = auth_section(app_url, provider_url)
     secrets = tmp_path / "secrets.toml"
     # Top-level keys come before the [auth] table in TOML.
-    secrets.write_text(f'admins = ["alice@example.com"]\nviewers = ["{provider}|bob-2"]\n\n[auth]\n'
+    secrets.write_text(f"admins = {json.dumps(admins)}\nviewers = {json.dumps(viewers)}\n\n[auth]\n"
                        + "".join(f'{key} = "{value}"\n' for key, value in auth.items()))
-    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(runs_dir), "TRANSFER_STUDIO_DATA": str(data_dir),
-                   "TRANSFER_STUDIO_OFFLINE": "1"}
+    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(tmp_path / "runs"),
+                   "TRANSFER_STUDIO_DATA": str(data_dir), "TRANSFER_STUDIO_OFFLINE": "1", **(environment or {})}
     log = tmp_path / "streamlit.log"
     process = start_process(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
@@ -246,9 +247,23 @@ def signed_in_app(tmp_path, provider):
         log, environment)
     try:
         wait_for_http(f"{app_url}/_stcore/health", process, log)
-        yield app_url, run_dir.name
+        yield app_url
     finally:
         stop_process(process)
+
+
+@pytest.fixture
+def signed_in_app(tmp_path, provider):
+    """The dashboard behind the provider's sign-in: Alice (by verified e-mail) is an admin and
+    Bob (by issuer and subject) a viewer. One queued run exists, so a leak of the Home page would show.
+    """
+    from engine.runs import create_run
+
+    data_dir = tmp_path / "appdata"
+    data_dir.mkdir()
+    run_dir = create_run(tiny_config(data_dir), runs_dir=tmp_path / "runs")
+    with serve_app(tmp_path, provider, admins=["alice@example.com"], viewers=[f"{provider}|bob-2"]) as app_url:
+        yield app_url, run_dir.name
 
 
 @pytest.fixture
@@ -365,3 +380,198 @@ def test_a_deep_link_as_the_servers_first_request_still_needs_sign_in(signed_in_
     expect_sign_in_screen(page, timeout=2000)
     page.goto(f"{app_url}/")
     expect_sign_in_screen(page)
+
+
+# ---------------------------------------------------------------------------------------
+# A team on one server: a member's run, another member, an admin and a viewer.
+
+TEAM = {"alice": {"name": "Alice Example", "email": "alice@example.com", "email_verified": True},
+        "bob": {"name": "Bob Builder", "email": "bob@example.com", "email_verified": True},
+        "ada": {"name": "Ada Admin", "email": "ada@example.com", "email_verified": True},
+        "victor": {"name": "Victor Viewer", "email": "victor@example.com", "email_verified": True}}
+# Each head epoch sleeps this long in the workers (a test-only fault, engine.runfiles.fault_point):
+# on cached features an epoch takes milliseconds, and the long run must still be training
+# when the admin stops it.
+SLOW_EPOCHS = "epoch_end:sleep:0.5"
+LONG_RUN_EPOCHS = 400  # at least 200 s of training at SLOW_EPOCHS; the admin stops it well before
+
+
+@pytest.fixture
+def team_app(tmp_path, provider):
+    """The dashboard with Ada an admin (by e-mail), Victor a viewer (by issuer and subject), and
+    Alice and Bob members; no runs yet. Yields the address, the runs root and the secrets file.
+    Workers the pages started outlive the server by design (detached): they are ended too.
+    """
+    from engine.runfiles import FAULT_VARIABLE
+
+    for subject, claims in TEAM.items():
+        set_provider_user(provider, subject, claims)
+    runs_dir = tmp_path / "runs"
+    try:
+        with serve_app(tmp_path, provider, admins=["ada@example.com"], viewers=[f"{provider}|victor"],
+                       environment={FAULT_VARIABLE: SLOW_EPOCHS}) as app_url:
+            yield app_url, runs_dir, tmp_path / "secrets.toml"
+    finally:
+        stop_live_workers(runs_dir)
+
+
+def new_page(browser):
+    """A page in a browser context of its own: its own cookies, so its own signed-in user."""
+    return browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+
+
+def app_user(provider_url: str, subject: str, secrets: Path):
+    """The engine's user for `subject`, built from the same claims and secrets as the app builds it."""
+    import tomllib
+
+    from engine.users import access_settings, user_from_claims
+
+    return user_from_claims({"iss": provider_url, "sub": subject, **TEAM[subject]},
+                            access_settings(tomllib.loads(secrets.read_text())))
+
+
+def go_to(page, title: str, heading: str | None = None) -> None:
+    """Opens a page from the sidebar's navigation, as a user would, and waits for its heading."""
+    page.locator("[data-testid='stSidebarNav'] a").filter(has_text=title).first.click()
+    page.get_by_role("heading", name=heading or title, exact=True).wait_for(timeout=30000)
+
+
+def run_ids(runs_dir: Path) -> set[str]:
+    from engine.runs import run_folders
+
+    return {folder.name for folder in run_folders(runs_dir)}
+
+
+def start_run_on_train_page(page, runs_dir: Path, epochs: int) -> str:
+    """Starts a run on the digits sample from the Train page's defaults, `epochs` head epochs; its id.
+
+    The form opens on the built-in digits sample with the default backbone whose weights are on
+    this machine. Images of 96 px (the digits are 64 px) keep feature extraction short on 2 cores.
+    """
+    from playwright.sync_api import expect
+
+    go_to(page, "Train")
+    expect(page.locator("input[aria-label='Dataset folder']")).to_have_value(re.compile(r"digits$"), timeout=30000)
+    before = run_ids(runs_dir)
+    page.locator("input[aria-label='Image size (px)']").fill("96")
+    page.locator("input[aria-label='Epochs']").fill(str(epochs))
+    page.get_by_role("button", name="Start training").click()
+    # Start lands on Monitor, at the new run's address.
+    page.get_by_role("heading", name="Monitor", exact=True).wait_for(timeout=30000)
+    started = wait_until(lambda: run_ids(runs_dir) - before, timeout=30,
+                         what="the new run's folder")
+    (run_id,) = started
+    expect(page).to_have_url(re.compile(rf"/monitor\?run={re.escape(run_id)}$"), timeout=30000)
+    return run_id
+
+
+def audit_lines(runs_dir: Path) -> list[tuple]:
+    from engine import audit
+
+    return [(entry["user_name"], entry["role"], entry["action"], entry["run"]) for entry in audit.read(runs_dir)]
+
+
+@pytest.mark.browser
+@pytest.mark.training
+def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, browser):
+    from playwright.sync_api import expect
+
+    from engine import jobs
+    from engine.config import RunConfig
+    from engine.status import Stage, State, read_status
+    from engine.users import Role
+
+    app_url, runs_dir, secrets = team_app
+
+    # Alice, a member, trains on the digits sample: one short run to the end, then a long one.
+    alice = new_page(browser)
+    sign_in(alice, app_url, "alice")
+    assert "Alice Example" in sidebar_user(alice) and "member" in sidebar_user(alice)
+    finished = start_run_on_train_page(alice, runs_dir, epochs=2)
+    alice.get_by_test_id("stAlertContentSuccess").get_by_text("FINISHED").wait_for(timeout=240000)
+    running = start_run_on_train_page(alice, runs_dir, epochs=LONG_RUN_EPOCHS)
+    alice.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=60000)
+    expect(alice.get_by_role("button", name="Stop")).to_be_enabled()
+    # Training, not still starting: the features of the first run are cached, so epochs come fast.
+    wait_until(lambda: (status := read_status(runs_dir / running)).stage is Stage.TRAINING_HEAD and status.epoch,
+               timeout=120, what="the long run's first epoch")
+    screenshot(alice, "6-alice-member-monitor")
+
+    # Bob, another member, sees Alice's run and her name, but cannot stop it.
+    bob = new_page(browser)
+    sign_in(bob, app_url, "bob")
+    assert "Bob Builder" in sidebar_user(bob) and "member" in sidebar_user(bob)
+    # The run table is drawn on a canvas; its cells are in the page for screen readers.
+    runs_table = bob.locator("[data-testid='stDataFrame']").first
+    row = runs_table.locator("tr", has=bob.locator("td", has_text=running))
+    expect(row).to_have_count(1, timeout=30000)
+    owner_column = runs_table.locator("th").all_inner_texts().index("Owner")
+    expect(row.locator("td").nth(owner_column)).to_have_text("Alice Example")
+    screenshot(bob, "7-bob-member-home")
+    bob.goto(f"{app_url}/monitor?run={running}")
+    bob.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=30000)
+    for button in ("Stop", "Resume", "Kill"):
+        expect(bob.get_by_role("button", name=button)).to_be_disabled()
+    expect(bob.get_by_text("This run belongs to Alice Example: only they or an admin can stop")).to_be_visible()
+    screenshot(bob, "8-bob-member-monitor")
+    # The engine refuses Bob too, whatever a page shows him.
+    bob_user = app_user(provider, "bob", secrets)
+    assert (bob_user.id, bob_user.role) == (f"{provider}|bob", Role.MEMBER)
+    with pytest.raises(PermissionError, match=r"belongs to Alice Example; only its owner or an admin may stop"):
+        jobs.stop(running, runs_dir, user=bob_user)
+    assert read_status(runs_dir / running).state is State.RUNNING
+
+    # Ada, an admin, stops it; the audit log on her Home page shows who started and who stopped it.
+    ada = new_page(browser)
+    sign_in(ada, app_url, "ada")
+    assert "Ada Admin" in sidebar_user(ada) and "admin" in sidebar_user(ada)
+    ada.goto(f"{app_url}/monitor?run={running}")
+    ada.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=30000)
+    assert read_status(runs_dir / running).state is State.RUNNING, "the run ended before the admin could stop it"
+    stop = ada.get_by_role("button", name="Stop")
+    expect(stop).to_be_enabled()
+    expect(ada.get_by_text("belongs to")).to_have_count(0)
+    stop.click()
+    wait_until(lambda: read_status(runs_dir / running).state is State.STOPPED, timeout=120, what="the run to stop")
+    assert read_status(runs_dir / running).epoch < LONG_RUN_EPOCHS
+    ada.get_by_test_id("stAlertContentWarning").get_by_text("STOPPED").wait_for(timeout=30000)
+    screenshot(ada, "9-admin-stopped")
+    go_to(ada, "Home", heading="Transfer Studio")
+    ada.get_by_text("Administration: queue and audit log").click()
+    administration = ada.locator("[data-testid='stExpander']").filter(has_text="Administration: queue and audit log")
+    audit_table = administration.locator("[data-testid='stDataFrame']")
+    for name, action in (("Alice Example", "start"), ("Ada Admin", "stop")):
+        line = audit_table.locator("tr", has=ada.locator("td", has_text=running)).filter(
+            has=ada.locator("td", has_text=re.compile(rf"^{action}$"))).filter(has_text=name)
+        expect(line).to_have_count(1, timeout=30000)
+    audit_table.scroll_into_view_if_needed()
+    screenshot(ada, "10-admin-audit-log")
+    # Bob's refused stop left no trace: only what happened is in the log.
+    assert audit_lines(runs_dir) == [("Alice Example", "member", "start", finished),
+                                     ("Alice Example", "member", "start", running),
+                                     ("Ada Admin", "admin", "stop", running)]
+
+    # Victor, a viewer, explores the finished run but cannot start one.
+    victor = new_page(browser)
+    sign_in(victor, app_url, "victor")
+    assert "Victor Viewer" in sidebar_user(victor) and "viewer" in sidebar_user(victor)
+    victor.goto(f"{app_url}/evaluate?run={finished}")
+    victor.get_by_role("heading", name="Confusion matrix").wait_for(timeout=30000)
+    expect(victor.get_by_role("combobox", name="Run")).to_have_value(
+        re.compile(rf"^{re.escape(finished)} · finished · best \d+\.\d% · Alice Example$"))
+    victor.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=30000)
+    screenshot(victor, "11-viewer-evaluate")
+    go_to(victor, "Train")
+    expect(victor.get_by_text("You are signed in as a viewer: you can look at every run, but not start one.")
+           ).to_be_visible()
+    start = victor.get_by_role("button", name="Start training")
+    expect(start).to_be_disabled()
+    start.scroll_into_view_if_needed()
+    screenshot(victor, "12-viewer-train")
+    victor_user = app_user(provider, "victor", secrets)
+    assert victor_user.role is Role.VIEWER
+    with pytest.raises(PermissionError, match="Victor Viewer is a viewer"):
+        jobs.start(RunConfig(), runs_dir, user=victor_user)
+    for page in (alice, bob, ada, victor):
+        expect(page.locator("[data-testid='stException']")).to_have_count(0)
+    assert run_ids(runs_dir) == {finished, running}
