@@ -124,10 +124,15 @@ class MetricsLogger(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_started = time.time()
         self._seconds_per_step: Optional[float] = None
+        self._epoch_period: Optional[float] = None
 
     def on_epoch_begin(self, epoch, logs=None):
+        now = time.time()
+        if self._epoch:
+            # From one epoch's start to the next: batches, validation, checkpoint and all.
+            self._epoch_period = now - self._epoch_started
         self._epoch = epoch + 1
-        self._epoch_started = time.time()
+        self._epoch_started = now
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -181,13 +186,17 @@ class MetricsLogger(keras.callbacks.Callback):
         runfiles.fault_point("epoch_end")  # tests only: slow epochs down so a stop lands mid-run
 
     def eta(self, step: int, finished_epoch: bool = False) -> Optional[float]:
-        """Seconds left for all planned epochs at the speed of this epoch's batches so far."""
+        """Seconds left for all planned epochs.
+
+        The rest of this epoch at the speed of its batches so far; each epoch after it at the
+        length of the last whole epoch (validation and checkpoint included), or at the batch
+        speed until one epoch has passed.
+        """
         if not self._seconds_per_step:
             return None
-        remaining_steps = (self.total_epochs - self._epoch) * self.steps_per_epoch
-        if not finished_epoch:
-            remaining_steps += self.steps_per_epoch - step
-        return round(remaining_steps * self._seconds_per_step, 1)
+        per_epoch = self._epoch_period or self.steps_per_epoch * self._seconds_per_step
+        rest_of_epoch = 0 if finished_epoch else (self.steps_per_epoch - step) * self._seconds_per_step
+        return round((self.total_epochs - self._epoch) * per_epoch + rest_of_epoch, 1)
 
 
 class ProgressReporter(keras.callbacks.Callback):

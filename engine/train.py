@@ -424,7 +424,7 @@ def _train(run_dir: Path, status: LaunchStatus, echo) -> tuple[State, str]:
     verb = "Stopped" if result.stopped else "Finished"
     status.update(epoch=result.epochs_done, validation_accuracy=accuracy)
     return (State.STOPPED if result.stopped else State.FINISHED,
-            f"{verb} after {result.epochs_done} epochs: validation accuracy {accuracy:.3f}.")
+            f"{verb} after {result.epochs_done} epochs: the saved model's validation accuracy is {accuracy:.3f}.")
 
 
 def _load_checkpoint(training: Training, resume: ResumePoint):

@@ -292,3 +292,24 @@ def test_listings_record_a_run_whose_processes_all_died(queued_run):
     listed = run_cli("runs", "--runs-dir", queued_run.parent)
     assert listed.returncode == 0 and " failed " in listed.stdout, listed.stdout
     assert read_status(queued_run).message.startswith("The worker process ended without finishing")
+
+
+def test_time_left_counts_whole_epochs_with_their_validation_and_checkpoint(tmp_path, monkeypatch):
+    """The ETA after the first epoch uses how long an epoch really took, not its batches alone."""
+    import engine.callbacks
+    from engine.callbacks import MetricsLogger, StopOnRequest
+
+    clock = [0.0]
+    monkeypatch.setattr(engine.callbacks.time, "time", lambda: clock[0])
+    metrics = MetricsLogger(tmp_path, phase=1, steps_per_epoch=2, batch_size=8, total_epochs=5, started_at=0.0,
+                            stop=StopOnRequest(tmp_path, 2))
+    metrics.on_epoch_begin(0)
+    for step in (1, 2):
+        clock[0] = float(step)  # one second a batch
+        metrics.on_train_batch_end(step - 1, {"loss": 0.5})
+    clock[0] = 10.0  # validation and the checkpoint took eight more seconds
+    metrics.on_epoch_begin(1)
+    clock[0] = 11.0
+    metrics.on_train_batch_end(0, {"loss": 0.5})
+    # Three more whole epochs of ten seconds, and one batch of this one: 31 s (batches alone said 7 s).
+    assert metrics.last_batch_event["eta_seconds"] == 31.0
