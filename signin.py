@@ -12,7 +12,9 @@ Pages ask `current_user()`; the entry point passes its pages through `gate()`.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from typing import Any, Mapping, Optional, Sequence
 
 import streamlit as st
@@ -26,6 +28,12 @@ from engine.users import Role, User, access_settings, local_user, user_from_clai
 _NO_SECRETS_FILE = "no-secrets-found"
 
 _ROLE_LABELS = {Role.ADMIN: "admin", Role.MEMBER: "member", Role.VIEWER: "viewer · read only"}
+# A team server says so explicitly (docs/team-server.md): then no secrets, or secrets without
+# `[auth]`, stop the dashboard instead of opening it to everyone as the local admin.
+REQUIRE_SIGNIN_VARIABLE = "TRANSFER_STUDIO_REQUIRE_SIGNIN"
+# Once this server process has seen `[auth]`, losing it (a file deleted while being edited,
+# a redeploy that forgot it) is an error, not a switch to local mode: sign-in fails closed.
+_auth_seen = threading.Event()
 
 
 class SignInError(RuntimeError):
@@ -55,9 +63,13 @@ def signed_in_mode() -> bool:
     """
     auth = _secrets().get("auth")
     if auth is None:
+        if _auth_seen.is_set() or os.environ.get(REQUIRE_SIGNIN_VARIABLE) == "1":
+            raise SignInError("Sign-in is required on this server, but the secrets file with its [auth] "
+                              "section cannot be found; nobody can sign in until it is back.")
         return False
     if not isinstance(auth, Mapping):
         raise SignInError(f"`auth` in secrets.toml must be a table (`[auth]`); received {auth!r}.")
+    _auth_seen.set()
     return True
 
 
@@ -98,7 +110,8 @@ def sign_in_page() -> None:
         st.login()
 
 
-def _escape_markdown(text: str) -> str:
+def escape_markdown(text: str) -> str:
+    """`text` as it reads, when shown through Markdown (names from the provider, class folder names)."""
     # Names come from the identity provider: Markdown, emoji shortcodes (`:x:`) or `$`
     # (LaTeX) in a name must show as typed, not format the sidebar.
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$:])", r"\\\1", text)
@@ -107,9 +120,9 @@ def _escape_markdown(text: str) -> str:
 def show_user_in_sidebar(user: User) -> None:
     """The signed-in user's name, e-mail and role in the sidebar, with a sign-out button."""
     with st.sidebar:
-        st.markdown(f":material/account_circle: **{_escape_markdown(user.name)}**")
+        st.markdown(f":material/account_circle: **{escape_markdown(user.name)}**")
         details = [user.email] if user.email and user.email != user.name else []
-        st.caption(" · ".join(_escape_markdown(detail) for detail in [*details, _ROLE_LABELS[user.role]]))
+        st.caption(" · ".join(escape_markdown(detail) for detail in [*details, _ROLE_LABELS[user.role]]))
         if st.button("Sign out", icon=":material/logout:", key="sign_out"):
             st.logout()
 
@@ -131,6 +144,21 @@ def _only(screen, title: str, icon: str, pages: Sequence[st.Page]) -> list:
     addresses = [page.url_path for page in pages if page.url_path]
     return [st.Page(screen, title=title, icon=icon, default=True),
             *(st.Page(screen, title=title, url_path=address, visibility="hidden") for address in addresses)]
+
+
+def page_user() -> User:
+    """The user a page acts for; called first by every page, so no page shows anything unsigned.
+
+    The entry point's gate already keeps signed-out visitors on the sign-in screen; this is
+    the second lock, for a page that is ever run without the entry point.
+    """
+    try:
+        return current_user()
+    except SignInError:
+        if signed_in_mode() and _signed_in_claims() is None:
+            sign_in_page()
+            st.stop()
+        raise
 
 
 def gate(pages: Sequence[st.Page]) -> list:

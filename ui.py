@@ -8,6 +8,7 @@ import streamlit as st
 from PIL import Image
 
 from engine import jobs
+from signin import escape_markdown
 from engine.runs import RunListing, default_runs_dir
 from engine.status import RunStatus
 from engine.users import AccessSettings, Role, User, access_settings
@@ -22,15 +23,16 @@ def secret_data_roots() -> list[str]:
     return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
 
 
-def access_limits() -> AccessSettings:
-    """The server's per-user limits and role lists from `.streamlit/secrets.toml` (none in local mode).
+def access_limits() -> AccessSettings | None:
+    """The server's per-user limits and role lists from `.streamlit/secrets.toml`; None in local mode.
 
-    A setting of the wrong type is not hidden: `access_settings` names it.
+    None, not empty limits: a dashboard in local mode on the same runs folder must not reset a
+    team server's limits. A setting of the wrong type is not hidden: `access_settings` names it.
     """
     try:
         secrets = {key: st.secrets[key] for key in st.secrets}
     except Exception:  # noqa: BLE001 - no secrets file at all is the normal local case
-        return AccessSettings()
+        return None
     return access_settings(secrets)
 
 
@@ -55,7 +57,8 @@ def permission_note(user: User, run: RunStatus) -> str:
         return ""
     if user.role is Role.VIEWER:
         return "You are signed in as a viewer: you can look, not change runs."
-    return f"This run belongs to {owner_label(run)}: only they or an admin can stop, resume, rename or delete it."
+    return (f"This run belongs to {escape_markdown(owner_label(run))}: only they or an admin can stop, "
+            "resume, rename or delete it.")
 
 
 def pick_run(runs: list[RunStatus], key: str, label: str = "Run", preferred: str | None = None,

@@ -15,7 +15,7 @@ from engine.ingest import extract_zip, list_dataset_folders, list_uploads, resol
 from engine.locations import data_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
-from signin import current_user
+from signin import current_user, page_user
 from ui import secret_data_roots, thumbnail
 
 IMAGES_PER_PAGE = 12
@@ -81,7 +81,10 @@ def choose_dataset() -> str | None:
                                    format_func=lambda upload: f"{upload.path.name} · {upload.owner_name or upload.owner}"
                                                               f" · {upload.uploaded}")
             if earlier is not None and st.button("Use this upload"):
-                st.session_state["dataset_path"] = str(earlier.path)
+                try:
+                    st.session_state["dataset_path"] = str(resolve_in_roots(earlier.path, roots))
+                except ValueError as error:
+                    st.error(str(error))
     if "dataset_path" not in st.session_state:
         # First visit: show the built-in sample, so there is something to look at and train on.
         st.session_state["dataset_path"] = str(ensure_sample("digits").resolve())
@@ -101,10 +104,10 @@ def choose_tfds_dataset() -> None:
         bar = st.progress(0.0)
         try:
             with st.spinner(f"Preparing {name} (the first time it is downloaded; large datasets take minutes)…"):
-                folder = ensure_tfds_dataset(name, progress=lambda done, total: bar.progress(
+                folder = ensure_tfds_dataset(name, user=current_user(), progress=lambda done, total: bar.progress(
                     min(done / max(total, 1), 1.0), text=f"Writing images: {done} of {total}"))
             st.session_state["dataset_path"] = str(folder.resolve())
-        except ValueError as error:  # an unknown or unsuitable name, or SampleUnavailableError offline
+        except (ValueError, PermissionError) as error:  # an unknown or unsuitable name, or SampleUnavailableError offline
             st.error(str(error))
         finally:
             bar.empty()
@@ -228,6 +231,7 @@ def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
                             caption=f"{row['second class']}: {printable(Path(row['second']).name)} ({row['how close']})")
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Data")
 path = choose_dataset()
 if not path:

@@ -9,6 +9,7 @@ import streamlit as st
 from engine import runfiles
 from engine.images import printable
 from engine.interpret import cell_images, load_predictions, most_confused, per_class_table, top_losses
+from signin import escape_markdown, page_user
 from ui import pick_run, runs_having, thumbnail
 
 GRID_COLUMNS = 6
@@ -67,6 +68,7 @@ def pick_cell(classes: list, selection) -> tuple[str, str]:
     return true, predicted
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Evaluate")
 runs = runs_having(runfiles.EVALUATION_FILE)
 if not runs:
@@ -95,7 +97,7 @@ selection = st.plotly_chart(confusion_figure(classes, matrix, normalised), key="
                             selection_mode="points")
 true, predicted = pick_cell(classes, selection)
 predictions = load_predictions(run.path)
-st.markdown(f"**True {true}, predicted {predicted}**")
+st.markdown(f"**True {escape_markdown(true)}, predicted {escape_markdown(predicted)}**")
 image_grid(cell_images(predictions, split, true, predicted).head(24), "No images in this cell.")
 
 left, right = st.columns(2)

@@ -11,7 +11,7 @@ import streamlit as st
 from engine import audit, jobs
 from engine.status import State
 from engine.users import Role
-from signin import current_user
+from signin import escape_markdown, page_user
 from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root
 
 ENDED = (State.FINISHED, State.STOPPED, State.FAILED, State.UNKNOWN)
@@ -67,7 +67,7 @@ def trash_section(user) -> None:
     with st.expander(f"Trash ({len(deleted)})"):
         for run in deleted:
             left, right = st.columns([4, 1])
-            left.write(f"{run.run_id} · {run.state.value} · {owner_label(run)}")
+            left.write(f"{run.run_id} · {run.state.value} · {escape_markdown(owner_label(run))}")
             if right.button("Restore", key=f"restore-{run.run_id}", disabled=not user.can_control(run.owner)):
                 act(lambda run_id=run.run_id: jobs.restore(run_id, runs_root(), user=user, source="page"),
                     "Restored.")
@@ -85,7 +85,7 @@ def administration(runs, user) -> None:
         st.markdown(f"**Queue** ({len(queued)} waiting; runs start in turn across people)")
         for run in queued:
             left, middle, right = st.columns([4, 1, 1])
-            left.write(f"{run.run_id} · {owner_label(run)}")
+            left.write(f"{run.run_id} · {escape_markdown(owner_label(run))}")
             if middle.button("To the front", key=f"front-{run.run_id}"):
                 act(lambda run_id=run.run_id: jobs.move_to_front(run_id, runs_root(), user=user, source="page"),
                     "Moved to the front.")
@@ -108,6 +108,7 @@ def act(change, done: str) -> None:
     st.rerun()
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Transfer Studio")
 st.markdown(
     "Build an image classifier from folders of labelled pictures by **transfer learning**: "
@@ -115,7 +116,6 @@ st.markdown(
     "learns your classes. Train it, watch it learn, and see exactly which pictures it confuses."
 )
 
-user = current_user()
 access_limits()  # a malformed access setting in secrets.toml is reported here, on the first page
 runs = all_runs()
 first, second, third = st.columns(3)

@@ -7,8 +7,8 @@ from engine import jobs
 from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
-from signin import current_user
-from ui import all_runs, owner_label, permission_note, pick_run, runs_root
+from signin import current_user, escape_markdown, page_user
+from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root
 
 REFRESH_SECONDS = 1.5
 COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
@@ -62,7 +62,7 @@ def controls(run: RunStatus) -> None:
             jobs.stop(run.run_id, runs_root(), user=user, source="page")
         if middle.button("Resume", disabled=bool(note) or state not in (State.STOPPED, State.FAILED), key="resume",
                          help="Continue from the last completed epoch."):
-            jobs.resume(run.run_id, runs_root(), user=user, source="page")
+            jobs.resume(run.run_id, runs_root(), user=user, source="page", limits=access_limits())
         if right.button("Kill", disabled=bool(note) or state is not State.RUNNING, key="kill",
                         help="End the worker at once, if Stop does not respond."):
             jobs.kill(run.run_id, runs_root(), user=user, source="page")
@@ -81,8 +81,14 @@ def live_view(run_path: str) -> None:
     """Redrawn every REFRESH_SECONDS from the run folder alone, so a reload simply reattaches."""
     # The one place this page decides liveness: a run whose worker died is recorded as failed.
     run = jobs.reconcile(run_path)
+    seen = (run.run_id, run.state)
+    if st.session_state.get("monitor_seen") not in (None, seen):
+        # The state changed: rerun the whole page, so the controls above follow it.
+        st.session_state["monitor_seen"] = seen
+        st.rerun()
+    st.session_state["monitor_seen"] = seen
     STATE_LINES.get(run.state, st.info)(f"**{run.state.value.upper()}** — {run.message}")
-    st.caption(f"Owner: {owner_label(run)}")
+    st.caption(f"Owner: {escape_markdown(owner_label(run))}")
     batches, epochs = metrics_reader(str(run_path)).frames()
     epoch, total = run.epoch or 0, run.epochs or 0
     running = run.state is State.RUNNING
@@ -102,7 +108,6 @@ def live_view(run_path: str) -> None:
     best = run.best_val_accuracy
     fourth.metric("Best validation accuracy", "–" if best is None else f"{best:.1%}",
                   help="Share of held-out images classified correctly, best epoch so far.")
-    controls(run)
     boundary = phase_two_start(epochs)
     left, right = st.columns(2)
     left.plotly_chart(curve_figure(batches, epochs, "loss", "Loss (lower is better)", boundary), key="loss_chart")
@@ -125,6 +130,7 @@ def compare(runs: list[RunStatus], current: RunStatus) -> None:
     st.plotly_chart(figure, key="compare_chart")
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Monitor")
 runs = all_runs()
 if not runs:
@@ -132,5 +138,7 @@ if not runs:
     st.page_link("app_pages/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 current = pick_run(runs, key="monitor_run", show_state=False)  # the live view below shows the state
+# Outside the live view: a click is never lost to the fragment redrawing itself every 1.5 s.
+controls(jobs.reconcile(current.path))
 live_view(current.path)
 compare(runs, current)

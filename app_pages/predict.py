@@ -7,6 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from engine import runfiles
+from signin import escape_markdown, page_user
 from ui import pick_run, runs_having
 
 
@@ -35,6 +36,7 @@ def predict(run_path: str, uploads: list, top_k: int) -> list:
     return results
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Predict")
 runs = runs_having(runfiles.MODEL_FILE)
 if not runs:
@@ -60,7 +62,7 @@ for number, result in enumerate(predict(run.path, uploads, top_k)):
             st.error(f"{result['name']}: {result['error']}")
             continue
         best = result["top"][0]
-        st.markdown(f"### {best['class']} — {best['probability']:.0%}")
+        st.markdown(f"### {escape_markdown(best['class'])} — {best['probability']:.0%}")
         figure = px.bar(x=[entry["probability"] for entry in result["top"]][::-1],
                         y=[entry["class"] for entry in result["top"]][::-1], orientation="h",
                         labels={"x": "probability", "y": ""}, range_x=[0, 1])

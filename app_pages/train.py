@@ -7,7 +7,7 @@ from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_
 from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_dotted, settings, with_offline_backbone
 from engine.ingest import resolve_in_roots
 from engine.locations import data_roots, presets_dir
-from signin import current_user
+from signin import page_user
 from ui import access_limits, runs_root, secret_data_roots
 
 DEFAULT_SIZE = 0  # shown as "backbone default"
@@ -211,6 +211,7 @@ def draw_form(disabled: bool = False) -> bool:
         return st.form_submit_button("Start training", type="primary", disabled=disabled)
 
 
+user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Train")
 all_presets = presets()
 if "dataset_path" not in st.session_state:
@@ -249,7 +250,6 @@ with st.expander("Which backbones are ready offline?"):
                    "weights file": row["weights_file"], "folder": row["folder"]} for row in weights_status()],
                  hide_index=True)
 
-user = current_user()
 if not user.can_start:
     st.warning("You are signed in as a viewer: you can look at every run, but not start one.")
 if draw_form(disabled=not user.can_start):

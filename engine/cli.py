@@ -357,9 +357,13 @@ def command_audit(arguments) -> int:
     from engine import audit
     from engine.runs import default_runs_dir
 
+    def shown(value) -> str:
+        # Names come from the identity provider: a newline or escape code must not forge a line.
+        return "".join(character if character.isprintable() else "?" for character in str(value or ""))
+
     for entry in audit.read(arguments.runs_dir or default_runs_dir()):
-        print(f"{entry.get('time')}  {entry.get('user_name')} ({entry.get('source')})  {entry.get('action')}  "
-              f"{entry.get('run', '')}")
+        print(f"{shown(entry.get('time'))}  {shown(entry.get('user_name'))} <{shown(entry.get('user'))}> "
+              f"({shown(entry.get('source'))})  {shown(entry.get('action'))}  {shown(entry.get('run'))}")
     return 0
 
 

@@ -117,7 +117,7 @@ class ZipLimits:
 def user_folder_name(user: User) -> str:
     """A folder name for a user's uploads: readable, safe on any file system, unique per user id."""
     readable = re.sub(r"[^A-Za-z0-9_-]+", "-", user.name or "user").strip("-")[:32] or "user"
-    return f"{readable}-{hashlib.sha256(user.id.encode('utf-8')).hexdigest()[:10]}"
+    return f"{readable}-{_user_hash(user.id)}"
 
 
 @dataclass(frozen=True)
@@ -130,16 +130,36 @@ class Upload:
     uploaded: str
 
 
+UPLOAD_FOLDER = re.compile(r"upload-[0-9a-f]{12}")
+
+
 def list_uploads(uploads_dir: Optional[str | os.PathLike] = None) -> list[Upload]:
-    """Every uploaded dataset with its owner, newest first (everyone's: members see every run's data too)."""
-    root = Path(uploads_dir or locations.uploads_dir())
+    """Every uploaded dataset with its owner, newest first (everyone's: members see every run's data too).
+
+    Only notes this module wrote count: at `<user folder>/upload-<12 hex>/`, in the folder of
+    the user they name, pointing inside their own upload. An archive cannot carry a note that
+    passes (its members land one level deeper), nor point the Data page elsewhere.
+    """
+    root = Path(uploads_dir or locations.uploads_dir()).resolve()
     uploads = []
-    for note_path in root.glob(f"*/*/{UPLOAD_NOTE}"):
-        note = runfiles.read_json(note_path) or {}
-        dataset = note.get("dataset")
-        uploads.append(Upload(path=Path(dataset) if dataset else note_path.parent, owner=str(note.get("owner", "")),
-                              owner_name=str(note.get("owner_name", "")), uploaded=str(note.get("uploaded", ""))))
+    for note_path in root.glob(f"*/upload-*/{UPLOAD_NOTE}"):
+        upload_folder = note_path.parent
+        note = runfiles.read_json(note_path)
+        if not UPLOAD_FOLDER.fullmatch(upload_folder.name) or not isinstance(note, dict) or not note_path.is_file():
+            continue
+        owner = str(note.get("owner", ""))
+        if not upload_folder.parent.name.endswith("-" + _user_hash(owner)):
+            continue  # a note naming someone other than the folder's owner
+        dataset = Path(str(note.get("dataset") or upload_folder)).resolve()
+        if dataset != upload_folder and upload_folder not in dataset.parents:
+            continue
+        uploads.append(Upload(path=dataset, owner=owner, owner_name=str(note.get("owner_name", "")),
+                              uploaded=str(note.get("uploaded", ""))))
     return sorted(uploads, key=lambda upload: upload.uploaded, reverse=True)
+
+
+def _user_hash(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:10]
 
 
 def extract_zip(archive: BinaryIO | str | os.PathLike, uploads_dir: Optional[str | os.PathLike] = None,

@@ -139,21 +139,27 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
     if not user.can_start:
         raise PermissionError(f"{user.name} is a viewer: viewers see runs but cannot start them.")
     root = Path(runs_dir or default_runs_dir())
-    if limits and limits.max_running_per_user != max_running_per_user(root):
-        with _queue_lock(root):
+    # Counting and creating under one lock: two tabs starting at once cannot both slip under the limit.
+    with _queue_lock(root):
+        if limits and limits.max_running_per_user != max_running_per_user(root):
             _update_queue_settings(root, max_running_per_user=limits.max_running_per_user)
-    if limits and limits.max_queued_per_user:
-        with _queue_lock(root):
-            waiting = sum(1 for folder in run_folders(root)
-                          if (status := read_status(folder)).owner == user.id and status.state is State.QUEUED)
-        if waiting >= limits.max_queued_per_user:
-            raise QuotaExceeded(f"{user.name} already has {waiting} runs waiting in the queue, the most this "
-                                f"server allows one person ({limits.max_queued_per_user}); the run was not "
-                                "created. Wait for one to start, or stop one.")
-    run_dir = create_run(config, root, owner=user)
-    audit.record(root, user, "start", run_dir.name, source)
+        _check_queued_quota(root, user, limits)
+        run_dir = create_run(config, root, owner=user)
+        audit.record(root, user, "start", run_dir.name, source)
     schedule(root)
     return run_dir.name
+
+
+def _check_queued_quota(root: Path, user: User, limits: Optional[AccessSettings]) -> None:
+    """Refuses one more queued run for `user` beyond `max_queued_per_user` (call under the queue lock)."""
+    if not limits or not limits.max_queued_per_user:
+        return
+    waiting = sum(1 for folder in run_folders(root)
+                  if (status := read_status(folder)).owner == user.id and status.state is State.QUEUED)
+    if waiting >= limits.max_queued_per_user:
+        raise QuotaExceeded(f"{user.name} already has {waiting} runs waiting in the queue, the most this "
+                            f"server allows one person ({limits.max_queued_per_user}); nothing was queued. "
+                            "Wait for one to start, or stop one.")
 
 
 @contextlib.contextmanager
@@ -288,16 +294,19 @@ def stop(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
     """
     run_dir = resolve_run(run, runs_dir)
     user = authorize(user, read_status(run_dir), "stop")
-    audit.record(run_dir.parent, user, "stop", run_dir.name, source)
     with _queue_lock(run_dir.parent):
         status = reconcile(run_dir)
         if status.state is State.QUEUED:
             with contextlib.suppress(IllegalTransition):
-                return transition(run_dir, State.STOPPED, stage=Stage.DONE, message="Stopped before it started.",
-                                  expected={State.QUEUED}, finished=now_iso())
+                stopped = transition(run_dir, State.STOPPED, stage=Stage.DONE, message="Stopped before it started.",
+                                     expected={State.QUEUED}, finished=now_iso())
+                audit.record(run_dir.parent, user, "stop", run_dir.name, source)
+                return stopped
             status = read_status(run_dir)
     if status.state is State.RUNNING:
+        # Only what was done is recorded: stopping an ended run changes nothing and is not logged.
         executor_for(run_dir.parent).stop(run_dir)
+        audit.record(run_dir.parent, user, "stop", run_dir.name, source)
     return status
 
 
@@ -313,10 +322,10 @@ def kill(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
     user = authorize(user, status, "kill")
     if status.state is State.QUEUED:
         return stop(run, runs_dir, user, source)
-    audit.record(run_dir.parent, user, "kill", run_dir.name, source)
     if status.state is not State.RUNNING:
         return status
     executor_for(run_dir.parent).kill(run_dir)
+    audit.record(run_dir.parent, user, "kill", run_dir.name, source)
     # The supervisor records the kill; wait briefly so the caller sees the final state.
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -328,7 +337,7 @@ def kill(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
 
 
 def resume(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[User] = None,
-           source: str = "python") -> RunStatus:
+           source: str = "python", limits: Optional[AccessSettings] = None) -> RunStatus:
     """Queues a stopped or failed run to continue from its last completed epoch.
 
     The old worker's pid and launch are cleared at once, so nothing shows them as live.
@@ -349,6 +358,9 @@ def resume(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optiona
             raise ValueError(f"Run {run_dir.name} is {status.state}; only stopped or failed runs resume.")
         if lock_is_held(run_dir):
             raise ValueError(f"Run {run_dir.name} is still shutting down; try again in a few seconds.")
+        # A resumed run waits in the queue again: it counts against its owner's queued limit.
+        owner = User(id=status.owner, name=status.owner_name or status.owner or "the owner")
+        _check_queued_quota(run_dir.parent, owner, limits)
         for name in (runfiles.STOP_REQUEST_FILE, runfiles.KILL_REQUEST_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
@@ -404,8 +416,9 @@ def delete(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optiona
         if target.exists():
             raise ValueError(f"The trash already holds a run {run_dir.name}; restore or remove that one first.")
         runfiles.atomic_write_json(run_dir / DELETED_NOTE, {"by": user.id, "by_name": user.name, "at": now_iso()})
+        # Recorded first: if the audit log cannot be written, the run is not moved either.
+        audit.record(root, user, "delete", run_dir.name, source)
         os.rename(run_dir, target)
-    audit.record(root, user, "delete", run_dir.name, source)
     return target
 
 
@@ -431,9 +444,9 @@ def restore(run_id: str, runs_dir: Optional[str | os.PathLike] = None, user: Opt
         user = authorize(user, read_status(source_dir), "restore")
         if (root / run_id).exists():
             raise ValueError(f"A run {run_id} exists already in {root}; it cannot be restored over it.")
+        audit.record(root, user, "restore", run_id, source)
         os.rename(source_dir, root / run_id)
         (root / run_id / DELETED_NOTE).unlink(missing_ok=True)
-    audit.record(root, user, "restore", run_id, source)
     return root / run_id
 
 

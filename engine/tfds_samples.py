@@ -71,7 +71,7 @@ def tfds_folder_name(name: str) -> str:
 
 
 def ensure_tfds_dataset(name: str, data_dir: Optional[str | os.PathLike] = None,
-                        progress: Optional[Callable[[int, int], None]] = None) -> Path:
+                        progress: Optional[Callable[[int, int], None]] = None, user=None) -> Path:
     """Writes a TFDS image-classification dataset as class folders once; returns the folder.
 
     The first call downloads the dataset with `tensorflow-datasets` into its data dir
@@ -86,13 +86,17 @@ def ensure_tfds_dataset(name: str, data_dir: Optional[str | os.PathLike] = None,
             dataset of the catalogue; a config and version may follow: `name/config:1.0.0`).
         data_dir: The app's data folder; defaults to `engine.locations.data_dir()`.
         progress: Called with (images written, images expected) while writing.
+        user: Who asks (`engine.users.User`); viewers may not add data to the server. None: the local user.
 
     Raises:
+        PermissionError: a viewer.
         ValueError: the name is not a TFDS dataset, or the dataset is not image
             classification (it needs one image feature and one ClassLabel feature).
         SampleUnavailableError: the dataset cannot be downloaded here (offline, a
             manual download, or a package it needs is missing).
     """
+    if user is not None and not user.can_start:
+        raise PermissionError(f"{user.name} is a viewer: viewers see the data but cannot add datasets.")
     name = str(name).strip()
     if not NAME_PATTERN.fullmatch(name):
         raise ValueError(

@@ -64,17 +64,27 @@ class AccessSettings:
     """The access rules an operator writes in `.streamlit/secrets.toml` (top level, beside `[auth]`).
 
     Attributes:
-        admins, viewers: E-mails or user ids (`issuer|subject`) with those roles.
+        admins, members, viewers: E-mails or user ids (`issuer|subject`) with those roles.
         groups_claim: The token claim that lists a user's groups (e.g. "groups"), if any.
-        admin_groups, viewer_groups: Groups whose members get those roles.
+        admin_groups, member_groups, viewer_groups: Groups whose members get those roles.
+        default_role: The role of a signed-in user no list names: "member" (the default) or
+            "viewer", which makes `members` / `member_groups` an allow-list, so that nobody
+            becomes a member by changing the e-mail their viewer entry named.
+        trust_unverified_emails: Let e-mails grant roles when the provider does not say they are
+            verified (some providers, e.g. Microsoft Entra ID, send no `email_verified`); off by
+            default, since anybody can type an e-mail into an account where it is not checked.
         max_running_per_user, max_queued_per_user: Per-user limits; 0 means no limit.
     """
 
     admins: frozenset = field(default_factory=frozenset)
+    members: frozenset = field(default_factory=frozenset)
     viewers: frozenset = field(default_factory=frozenset)
     groups_claim: str = ""
     admin_groups: frozenset = field(default_factory=frozenset)
+    member_groups: frozenset = field(default_factory=frozenset)
     viewer_groups: frozenset = field(default_factory=frozenset)
+    default_role: "Role" = Role.MEMBER
+    trust_unverified_emails: bool = False
     max_running_per_user: int = 0
     max_queued_per_user: int = 0
 
@@ -102,8 +112,16 @@ def access_settings(secrets: Mapping[str, Any]) -> AccessSettings:
     groups_claim = secrets.get("groups_claim", "")
     if not isinstance(groups_claim, str):
         raise ValueError(f"`groups_claim` in secrets.toml must be a claim name; received {groups_claim!r}.")
-    return AccessSettings(admins=names("admins"), viewers=names("viewers"), groups_claim=groups_claim,
-                          admin_groups=names("admin_groups"), viewer_groups=names("viewer_groups"),
+    default_role = secrets.get("default_role", "member")
+    if default_role not in ("member", "viewer"):
+        raise ValueError(f"`default_role` in secrets.toml must be \"member\" or \"viewer\"; received {default_role!r}.")
+    trust = secrets.get("trust_unverified_emails", False)
+    if not isinstance(trust, bool):
+        raise ValueError(f"`trust_unverified_emails` in secrets.toml must be true or false; received {trust!r}.")
+    return AccessSettings(admins=names("admins"), members=names("members"), viewers=names("viewers"),
+                          groups_claim=groups_claim, admin_groups=names("admin_groups"),
+                          member_groups=names("member_groups"), viewer_groups=names("viewer_groups"),
+                          default_role=Role(default_role), trust_unverified_emails=trust,
                           max_running_per_user=limit("max_running_per_user"),
                           max_queued_per_user=limit("max_queued_per_user"))
 
@@ -132,15 +150,21 @@ def user_from_claims(claims: Mapping[str, Any], settings: Optional[AccessSetting
     email = str(claims.get("email") or "")
     name = str(claims.get("name") or claims.get("preferred_username") or email or subject)
     groups = claims.get(settings.groups_claim, []) if settings.groups_claim else []
-    groups = set([groups] if isinstance(groups, str) else groups or [])
-    names = {user_id, email.lower()} - {""}
-    # Only a verified e-mail may grant a role: an unverified one can be typed by anybody.
-    if claims.get("email_verified") is False:
-        names.discard(email.lower())
-    if names & settings.admins or groups & settings.admin_groups:
+    groups = {str(group) for group in ([groups] if isinstance(groups, str) else groups or [])}
+    # Only a verified e-mail may grant a role (exactly `true`, not "false" or a missing claim):
+    # an unverified one can be typed by anybody. List entries with "@" are e-mails, others ids.
+    verified = claims.get("email_verified") is True or settings.trust_unverified_emails
+    names = {user_id} | ({email.lower()} if email and verified else set())
+
+    def listed(entries: frozenset, group_entries: frozenset) -> bool:
+        return bool(names & entries) or bool(groups & group_entries)
+
+    if listed(settings.admins, settings.admin_groups):
         role = Role.ADMIN
-    elif names & settings.viewers or groups & settings.viewer_groups:
+    elif listed(settings.viewers, settings.viewer_groups):
         role = Role.VIEWER
-    else:
+    elif listed(settings.members, settings.member_groups):
         role = Role.MEMBER
+    else:
+        role = settings.default_role
     return User(id=user_id, name=name, email=email, role=role)

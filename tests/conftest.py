@@ -36,8 +36,13 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(base / "cache"))
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(base / "runs"))
     monkeypatch.setenv("TRANSFER_STUDIO_OFFLINE", "1")
+    monkeypatch.delenv("TRANSFER_STUDIO_REQUIRE_SIGNIN", raising=False)
     yield base
     stop_live_workers(base / "runs")
+    # A server remembers that it has seen [auth] (sign-in fails closed); each test is a new server.
+    signin = sys.modules.get("signin")
+    if signin is not None:
+        signin._auth_seen.clear()
     shutil.rmtree(SESSION_KERAS_HOME / "models", ignore_errors=True)
 
 

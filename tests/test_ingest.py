@@ -154,6 +154,15 @@ def test_each_upload_is_extracted_into_a_fresh_folder_of_its_owner(tmp_path):
     assert {upload.owner for upload in list_uploads(tmp_path / "uploads")} == {alice.id, bob.id}
     from engine.users import Role
 
+    # A note inside an archive, or one naming another owner or pointing elsewhere, is not listed.
+    forged = tmp_path / "uploads" / first.parent.name / "upload-0123456789ab"
+    forged.mkdir()
+    (forged / ".upload.json").write_text('{"owner": "%s", "owner_name": "Bob", "dataset": "/etc"}' % bob.id)
+    nested = first / "cats" / "upload-00000000000a"
+    nested.mkdir()
+    (nested / ".upload.json").write_text('{"owner": "%s", "dataset": "/etc", "uploaded": "2099"}' % alice.id)
+    listed_after = {(upload.path, upload.owner_name) for upload in list_uploads(tmp_path / "uploads")}
+    assert listed_after == listed
     with pytest.raises(PermissionError, match="Carol is a viewer"):
         extract_zip(_zip(entries), tmp_path / "uploads", owner=User("id|carol", "Carol", role=Role.VIEWER))
 

@@ -155,6 +155,27 @@ def test_an_unreadable_secrets_file_never_falls_back_to_local_mode(tmp_path, sec
         signin.current_user()
 
 
+def test_sign_in_fails_closed_when_its_secrets_go_missing(app_environment, secrets_from, tmp_path, monkeypatch):
+    """A server that has seen [auth], or is told sign-in is required, never becomes local mode."""
+    import signin
+
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text('[auth]\nredirect_uri = "http://localhost:8501/oauth2callback"\ncookie_secret = "x"\n')
+    secrets_from(secrets)
+    assert signin.signed_in_mode() is True
+    secrets_from(tmp_path / "gone.toml")  # deleted while being edited, or forgotten by a redeploy
+    with pytest.raises(signin.SignInError, match="secrets file with its \\[auth\\] section cannot be found"):
+        signin.current_user()
+    app = open_app()  # a visitor now: the problem page, no page of the app, no local admin
+    assert not app.exception and any("cannot be found" in error.value for error in app.error)
+    assert not app.selectbox and not [title for title in app.title if title.value != "Transfer Studio"]
+
+    signin._auth_seen.clear()  # a fresh server process, told by its operator that sign-in is required
+    monkeypatch.setenv(signin.REQUIRE_SIGNIN_VARIABLE, "1")
+    with pytest.raises(signin.SignInError, match="Sign-in is required on this server"):
+        signin.signed_in_mode()
+
+
 # ---------------------------------------------------------------------------------------
 # In a real browser, against a real OpenID Connect provider.
 

@@ -125,7 +125,7 @@ def test_per_user_limits_refuse_a_run_before_creating_it_and_cap_what_runs(tmp_p
     limits = AccessSettings(max_queued_per_user=2, max_running_per_user=1)
     started = [start(runs_dir, ALICE, f"a{number}", limits=limits) for number in range(3)]
     assert executor.submitted == [started[0]]  # one running at a time for Alice, two waiting
-    with pytest.raises(jobs.QuotaExceeded, match="Alice already has 2 runs waiting in the queue.*not created"):
+    with pytest.raises(jobs.QuotaExceeded, match="Alice already has 2 runs waiting in the queue.*nothing was queued"):
         start(runs_dir, ALICE, "one too many", limits=limits)
     assert len(list_runs(runs_dir)) == 3
     start(runs_dir, BOB, "b0", limits=limits)  # others are not held back by Alice's runs
@@ -133,6 +133,14 @@ def test_per_user_limits_refuse_a_run_before_creating_it_and_cap_what_runs(tmp_p
     # A scheduler that never saw the secrets (a supervisor whose worker ended) keeps the limit.
     finish(runs_dir, started[0])
     assert executor.submitted[2:] == [started[1]]
+    # Resuming counts too: a stopped run going back to the queue is one more waiting.
+    stopped = start(runs_dir, BOB, "b1", limits=limits)
+    jobs.stop(stopped, runs_dir, user=BOB)
+    start(runs_dir, BOB, "b2", limits=limits)
+    start(runs_dir, BOB, "b3", limits=limits)
+    with pytest.raises(jobs.QuotaExceeded, match="Bob already has 2 runs waiting"):
+        jobs.resume(stopped, runs_dir, user=BOB, limits=limits)
+    assert read_status(runs_dir / stopped).state is State.STOPPED
 
 
 def test_a_deleted_run_goes_to_the_trash_and_comes_back(tmp_path, executor):
@@ -173,7 +181,8 @@ def test_every_action_is_appended_to_the_audit_log_and_never_rewritten(tmp_path,
     assert all(entry["run"] == run_id and entry["time"] for entry in entries)
     assert entries[2]["detail"] == {"name": "renamed"} and entries[0]["user"] == ALICE.id
     listed = run_cli("audit", "--runs-dir", runs_dir)
-    assert listed.returncode == 0 and listed.stdout.count("\n") == 5 and "Root (cli)  rename" in listed.stdout
+    assert listed.returncode == 0 and listed.stdout.count("\n") == 5
+    assert f"Root <{ROOT.id}> (cli)  rename" in listed.stdout
 
 
 def test_the_cli_refuses_cross_user_control_in_one_line(tmp_path, executor):

@@ -8,7 +8,7 @@ ISSUER = "https://id.example.org"
 
 
 def claims(subject, email="", **more):
-    return {"iss": ISSUER, "sub": subject, "email": email, "name": subject.title(), **more}
+    return {"iss": ISSUER, "sub": subject, "email": email, "email_verified": True, "name": subject.title(), **more}
 
 
 def test_a_user_is_their_issuer_and_subject_not_their_email():
@@ -28,8 +28,23 @@ def test_roles_come_from_the_lists_and_groups_in_secrets():
     assert user_from_claims(claims("dave", groups=["ops"]), settings).role is Role.ADMIN
     assert user_from_claims(claims("erin", groups=["board"]), settings).role is Role.VIEWER
     assert user_from_claims(claims("frank"), settings).role is Role.MEMBER
-    # An unverified e-mail grants nothing: anybody can type one.
-    assert user_from_claims(claims("mallory", "root@example.org", email_verified=False), settings).role is Role.MEMBER
+    # An e-mail grants a role only when the provider says it is verified: anybody can type one.
+    for verified in (False, "false", "true", None):
+        mallory = claims("mallory", "root@example.org", email_verified=verified)
+        assert user_from_claims(mallory, settings).role is Role.MEMBER, verified
+    trusting = access_settings({"admins": ["root@example.org"], "trust_unverified_emails": True})
+    assert user_from_claims(claims("root", "root@example.org", email_verified=None), trusting).role is Role.ADMIN
+
+
+def test_members_can_be_an_allow_list_so_a_changed_email_makes_nobody_a_member():
+    settings = access_settings({"default_role": "viewer", "members": ["alice@example.org"],
+                                "member_groups": ["staff"], "groups_claim": "groups"})
+    assert user_from_claims(claims("alice", "alice@example.org"), settings).role is Role.MEMBER
+    assert user_from_claims(claims("dave", groups=["staff"]), settings).role is Role.MEMBER
+    # Bob, a viewer by default, changes his e-mail to one nobody listed: still a viewer.
+    assert user_from_claims(claims("bob", "bob.new@example.org"), settings).role is Role.VIEWER
+    with pytest.raises(ValueError, match="`default_role`"):
+        access_settings({"default_role": "admin"})
 
 
 def test_who_may_control_a_run():
