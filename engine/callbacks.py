@@ -9,9 +9,9 @@
 - `EpochCheckpoint`: saves the model after every complete epoch, for resume.
 - `BestFullModelCheckpoint`: `best.keras` as the full model while only the head trains.
 
-An epoch that a stop request cuts short is not counted: Keras still validates it and calls
-`on_epoch_end` (so early stopping and `best.keras` see it like any epoch), but no epoch event
-or resume checkpoint is written for it, and a resumed run does it again.
+An epoch that a stop request cuts short is not counted: it is not validated
+(`EpochsToValidate`), so early stopping and `best.keras` pass over it, no epoch event or
+resume checkpoint is written for it, and a resumed run does it again.
 """
 
 from __future__ import annotations
@@ -92,6 +92,22 @@ class StopOnRequest(keras.callbacks.Callback):
     def epoch_is_complete(self, epoch: int) -> bool:
         """False for the epoch a stop request cut short."""
         return epoch != self.cut_short_epoch
+
+
+class EpochsToValidate(list):
+    """`model.fit(validation_freq=…)`: every epoch, except one a stop request cut short.
+
+    Keras validates each epoch listed in `validation_freq` (`epoch in validation_freq`, one-
+    indexed); this list answers no for a cut-short epoch, so a stop is not delayed by a whole
+    validation pass over an epoch that will not count anyway.
+    """
+
+    def __init__(self, stop: "StopOnRequest"):
+        super().__init__()
+        self.stop = stop
+
+    def __contains__(self, epoch) -> bool:
+        return self.stop.epoch_is_complete(int(epoch) - 1)
 
 
 class MetricsLogger(keras.callbacks.Callback):

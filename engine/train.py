@@ -450,7 +450,8 @@ def _fit(training: Training, model, train_data, validation_data, phase: int, fir
         total_epochs: The run's last epoch as now planned, for progress and the ETA (phase 2
             counts on from where phase 1 really ended, early stopping included).
     """
-    from engine.callbacks import EpochCheckpoint, MetricsLogger, ProgressReporter, StopOnRequest, TerminalProgress
+    from engine.callbacks import (EpochCheckpoint, EpochsToValidate, MetricsLogger, ProgressReporter, StopOnRequest,
+                                  TerminalProgress)
 
     stop = StopOnRequest(training.run_dir, training.steps_per_epoch, superseded=lambda: training.status.superseded)
     metrics = MetricsLogger(training.run_dir, phase, training.steps_per_epoch, training.config.training.batch_size,
@@ -463,9 +464,9 @@ def _fit(training: Training, model, train_data, validation_data, phase: int, fir
                                   if training.status.last else None)]
     if training.echo is not None:
         callbacks.append(TerminalProgress(training.echo, metrics))
-    model.fit(train_data, validation_data=validation_data, initial_epoch=first_epoch, epochs=final_epoch,
-              callbacks=callbacks + extra_callbacks + [stop], class_weight=training.class_weight, shuffle=False,
-              verbose=0)
+    model.fit(train_data, validation_data=validation_data, validation_freq=EpochsToValidate(stop),
+              initial_epoch=first_epoch, epochs=final_epoch, callbacks=callbacks + extra_callbacks + [stop],
+              class_weight=training.class_weight, shuffle=False, verbose=0)
     if stop.requested:
         logger.info("Stop requested: left training after the current batch.")
     return PhaseResult(first_epoch + metrics.completed_epochs, stop.requested)
