@@ -40,7 +40,7 @@ class SignInError(RuntimeError):
     """The sign-in settings or the signed-in identity cannot be used; the message says why."""
 
 
-def _secrets() -> Mapping[str, Any]:
+def read_secrets() -> Mapping[str, Any]:
     """The parsed secrets, or an empty mapping when there is no secrets file at all.
 
     Raises:
@@ -61,7 +61,7 @@ def signed_in_mode() -> bool:
     Raises:
         SignInError: a secrets file exists but cannot be read, or `auth` is not a table.
     """
-    auth = _secrets().get("auth")
+    auth = read_secrets().get("auth")
     if auth is None:
         if _auth_seen.is_set() or os.environ.get(REQUIRE_SIGNIN_VARIABLE) == "1":
             raise SignInError("Sign-in is required on this server, but the secrets file with its [auth] "
@@ -97,7 +97,7 @@ def current_user() -> User:
     if claims is None:
         raise SignInError("Nobody is signed in: sign in first.")
     try:
-        return user_from_claims(claims, access_settings(_secrets()))
+        return user_from_claims(claims, access_settings(read_secrets()))
     except ValueError as error:
         raise SignInError(str(error)) from error
 

@@ -8,7 +8,7 @@ import streamlit as st
 from PIL import Image
 
 from engine import jobs
-from signin import escape_markdown
+from signin import escape_markdown, read_secrets
 from engine.runs import RunListing, default_runs_dir
 from engine.status import RunStatus
 from engine.users import AccessSettings, Role, User, access_settings
@@ -16,10 +16,7 @@ from engine.users import AccessSettings, Role, User, access_settings
 
 def secret_data_roots() -> list[str]:
     """Extra data roots from `.streamlit/secrets.toml` (`data_roots = ["/srv/images"]`), if any."""
-    try:
-        roots = st.secrets.get("data_roots", [])
-    except Exception:  # noqa: BLE001 - no secrets file is the normal case
-        return []
+    roots = read_secrets().get("data_roots", [])
     return [str(root) for root in roots] if isinstance(roots, (list, tuple)) else [str(roots)]
 
 
@@ -27,13 +24,11 @@ def access_limits() -> AccessSettings | None:
     """The server's per-user limits and role lists from `.streamlit/secrets.toml`; None in local mode.
 
     None, not empty limits: a dashboard in local mode on the same runs folder must not reset a
-    team server's limits. A setting of the wrong type is not hidden: `access_settings` names it.
+    team server's limits. A setting of the wrong type is not hidden: `access_settings` names it,
+    and an unreadable file is `signin.read_secrets`'s error, as it is for sign-in.
     """
-    try:
-        secrets = {key: st.secrets[key] for key in st.secrets}
-    except Exception:  # noqa: BLE001 - no secrets file at all is the normal local case
-        return None
-    return access_settings(secrets)
+    secrets = read_secrets()
+    return access_settings(secrets) if secrets else None
 
 
 def owner_label(run: RunStatus) -> str:

@@ -162,17 +162,9 @@ def _check_queued_quota(root: Path, user: User, limits: Optional[AccessSettings]
                             "Wait for one to start, or stop one.")
 
 
-@contextlib.contextmanager
 def _queue_lock(root: Path):
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / QUEUE_LOCK_FILE, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """The runs root's queue lock: schedulers and the calls that change the queue take turns."""
+    return runfiles.exclusive_lock(root / QUEUE_LOCK_FILE)
 
 
 def reconcile(run_dir: str | os.PathLike) -> RunStatus:

@@ -8,6 +8,7 @@ This module never imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import glob
@@ -19,7 +20,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -38,6 +39,21 @@ KILL_REQUEST_FILE = "kill.request"
 CHECKPOINT_MODEL_FILE = "checkpoint.keras"
 CHECKPOINT_STATE_FILE = "checkpoint.json"
 BEST_MODEL_FILE = "best.keras"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive `flock` on `path` (created if missing), waiting for it: one holder at a time, across processes."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import datetime
 import enum
-import fcntl
 import math
 import os
 import secrets
@@ -275,13 +274,8 @@ def _with_legacy_summary(status: RunStatus, run_dir: Path) -> RunStatus:
 @contextlib.contextmanager
 def status_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     """Holds the run's status lock: one writer of `status.json` at a time, across processes."""
-    path = Path(run_dir) / STATUS_LOCK_FILE
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with runfiles.exclusive_lock(Path(run_dir) / STATUS_LOCK_FILE):
+        yield
 
 
 def _write(run_dir: str | os.PathLike, status: RunStatus) -> RunStatus:
