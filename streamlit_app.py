@@ -13,6 +13,7 @@ pages = [
     st.Page("app_pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
     st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
     st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:"),
+    st.Page("app_pages/demo.py", title="Demo", icon=":material/co_present:"),
 ]
 # Without `[auth]` in the secrets (local mode) every page; with it, only a sign-in screen
 # until the visitor has signed in (signin.py).
