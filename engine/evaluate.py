@@ -14,9 +14,10 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from engine import runfiles
+from engine.calibration import apply_temperature, calibration_report
 # predict_probabilities lives in engine.predict (running a model is prediction); it is
 # imported here by name too because engine.train imports it from this module.
-from engine.predict import load_run_model, predict_probabilities
+from engine.predict import load_run_model, predict_probabilities, run_temperature
 
 
 def classification_metrics(true_indices, predicted_indices, class_names: list[str],
@@ -59,18 +60,34 @@ def classification_metrics(true_indices, predicted_indices, class_names: list[st
     return result
 
 
-def write_evaluation(run_dir: str | os.PathLike, class_names: list[str], split_results: dict) -> dict:
+def write_evaluation(run_dir: str | os.PathLike, class_names: list[str], split_results: dict,
+                     calibrate: bool = True) -> dict:
     """Writes `evaluation.json` and `predictions.csv` for the evaluated splits.
 
     Args:
         run_dir: The run folder.
         class_names: Names in index order.
-        split_results: {split: (paths, true_indices, probabilities)}.
+        split_results: {split: (paths, true_indices, raw probabilities)}.
+        calibrate: Fit a temperature on the validation split (`engine.calibration`), report
+            the calibration error before and after, and store calibrated probabilities.
 
     Returns:
         The evaluation dictionary written.
     """
+    split_results = dict(split_results)
     evaluation: dict = {"classes": class_names, "splits": {}}
+    validation = split_results.get("validation")
+    if calibrate and validation is not None and len(validation[0]):
+        # The temperature is fitted on the validation images and applied to every split, so
+        # everything downstream (predictions.csv, the pages, the model card) shows calibrated
+        # probabilities; the ranking of classes, hence accuracy, does not change.
+        others = {split: (probabilities, true_indices)
+                  for split, (paths, true_indices, probabilities) in split_results.items()
+                  if split != "validation" and len(paths)}
+        evaluation["calibration"] = calibration_report(validation[2], validation[1], others)
+        temperature = evaluation["calibration"]["temperature"]
+        split_results = {split: (paths, true_indices, apply_temperature(probabilities, temperature))
+                         for split, (paths, true_indices, probabilities) in split_results.items()}
     rows = []
     for split, (paths, true_indices, probabilities) in split_results.items():
         predicted = probabilities.argmax(axis=1) if len(paths) else np.zeros(0, dtype=int)
@@ -110,7 +127,8 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, bat
     cache = build_image_cache(paths, image_size, cache="memory")
     keep = [index for index in range(len(paths)) if index not in cache.failed]
     true_indices = np.array([class_names.index(scan.files[index].label) for index in keep], dtype=int)
-    probabilities = predict_probabilities(model, cache.images[keep], len(class_names), batch_size)
+    probabilities = apply_temperature(predict_probabilities(model, cache.images[keep], len(class_names), batch_size),
+                                      run_temperature(run_dir))
     metrics = classification_metrics(true_indices, probabilities.argmax(axis=1), class_names, probabilities)
     metrics["data"] = str(Path(data_dir).resolve())
     metrics["excluded"] = scan.excluded + [

@@ -40,6 +40,13 @@ def load_run_model(run_dir: str | os.PathLike):
     return model, list(labels["classes"]), image_size
 
 
+def run_temperature(run_dir: str | os.PathLike) -> float:
+    """The run's calibration temperature (`evaluation.json`), 1.0 for runs trained before calibration."""
+    evaluation = runfiles.read_json(Path(run_dir) / runfiles.EVALUATION_FILE) or {}
+    temperature = (evaluation.get("calibration") or {}).get("temperature")
+    return float(temperature) if isinstance(temperature, (int, float)) and temperature > 0 else 1.0
+
+
 def predict_probabilities(model, images: np.ndarray, num_classes: int, batch_size: int = 64,
                           rows: Optional[list[int]] = None) -> np.ndarray:
     """Runs the model over a (N, size, size, 3) uint8 array (or only its `rows`); returns (N, classes) probabilities."""
@@ -66,11 +73,16 @@ def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: in
 
     Returns:
         One dictionary per image: path, and either `top` (list of {class, probability},
-        best first) and `probabilities`, or `error` naming why the file could not be used.
+        best first), `probabilities` (all calibrated with the run's temperature), `verdict`
+        (the answered class at the run's operating point, or "not sure") and `sure`; or
+        `error` naming why the file could not be used.
     """
+    from engine.calibration import apply_temperature
     from engine.images import check_image, load_rgb
+    from engine.operating_point import read_decision, verdict
 
     model, class_names, image_size = loaded or load_run_model(run_dir)
+    temperature, decision = run_temperature(run_dir), read_decision(run_dir)
     results, arrays, positions = [], [], []
     for path in image_paths:
         check = check_image(path)
@@ -85,8 +97,10 @@ def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: in
         positions.append(len(results))
         results.append({"path": path})
     if arrays:
-        probabilities = predict_probabilities(model, np.stack(arrays), len(class_names))
+        probabilities = apply_temperature(predict_probabilities(model, np.stack(arrays), len(class_names)),
+                                          temperature)
         for position, row in zip(positions, probabilities):
+            results[position]["verdict"], results[position]["sure"] = verdict(row, class_names, decision)
             order = np.argsort(row)[::-1][:max(1, top_k)]
             results[position]["top"] = [{"class": class_names[index], "probability": float(row[index])}
                                         for index in order]

@@ -31,6 +31,8 @@ MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
+# The run's operating point (threshold, minimum confidence): engine.operating_point writes it.
+DECISION_FILE = "decision.json"
 LOG_FILE = "worker.log"
 # Control files: a request to stop cooperatively, or a note that a kill was asked for.
 STOP_REQUEST_FILE = "stop.request"

@@ -60,8 +60,9 @@ def test_run_folder_holds_every_file_with_the_documented_content(tiny_dataset, t
 
 
 def test_saved_model_takes_raw_images_and_agrees_with_predictions_csv(tiny_dataset, tmp_path):
+    from engine.calibration import apply_temperature
     from engine.images import load_rgb
-    from engine.predict import load_run_model, predict_images
+    from engine.predict import load_run_model, predict_images, run_temperature
 
     run_dir, state = train(tiny_config(tiny_dataset), tmp_path)
     assert state is State.FINISHED
@@ -72,9 +73,11 @@ def test_saved_model_takes_raw_images_and_agrees_with_predictions_csv(tiny_datas
     for row in rows:
         raw = load_rgb(row["path"], 32).astype(np.float32)[None]  # 0–255, no preprocessing outside
         assert raw.max() > 1.0
-        probabilities = np.asarray(model(raw, training=False)).reshape(-1)
+        positive = float(np.asarray(model(raw, training=False)).reshape(-1)[0])  # one sigmoid unit = P(dogs)
         saved = [float(row["prob_cats"]), float(row["prob_dogs"])]
-        assert probabilities[0] == pytest.approx(saved[1], abs=1e-4)  # one sigmoid unit = P(dogs)
+        # predictions.csv holds the model's probabilities calibrated with the run's temperature.
+        calibrated = apply_temperature(np.array([[1.0 - positive, positive]]), run_temperature(run_dir))[0]
+        assert calibrated[1] == pytest.approx(saved[1], abs=1e-4)
         assert row["predicted"] == classes[int(np.argmax(saved))]
     predictions = predict_images(run_dir, [rows[0]["path"]], top_k=2)
     assert predictions[0]["top"][0]["probability"] >= predictions[0]["top"][1]["probability"]
