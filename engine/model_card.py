@@ -472,14 +472,20 @@ def _plain_value(value: Any) -> str:
 
 # Characters that start emphasis, code, links, HTML or table cells anywhere in a line.
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
-# What makes a line a heading, a list item, a quote or a rule when it starts the line.
-_MARKDOWN_LINE_START = re.compile(r"^(\s*(?:\d+)?)([#>+=.)-])")
+# What makes text a heading, a list item, a quote or a rule when it starts a line ("# ", "- ", "1. ",
+# ">", "---"); "2026-11-30" or "#3" does not, so it is left as it is.
+_MARKDOWN_BLOCK_MARK = re.compile(r"^(\s*)(#+(?=\s|$)|[-+](?=\s|$)|>|=+\s*$|-+\s*$)")
+_MARKDOWN_NUMBERED = re.compile(r"^(\s*\d+)([.)])(?=\s|$)")
 
 
 def markdown_escape(text: Any) -> str:
-    """Text that cannot change a Markdown page's layout: one line, its special characters escaped."""
+    """Text that cannot change a Markdown page's layout: one line, its special characters escaped.
+
+    Safe anywhere in a line, at its start included (a heading or list mark there is escaped too).
+    """
     line = _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
-    return _MARKDOWN_LINE_START.sub(r"\1\\\2", line)
+    line = _MARKDOWN_BLOCK_MARK.sub(r"\1\\\2", line)
+    return _MARKDOWN_NUMBERED.sub(r"\1\\\2", line)
 
 
 def card_markdown(facts: dict) -> str:
