@@ -1,14 +1,17 @@
 """Monitor: live curves, progress, Stop/Resume, the worker's log; polls the run folder, never trains."""
 
+from pathlib import Path
+
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import jobs
+from engine import interpret, jobs
+from engine.images import printable
 from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
 from signin import current_user, escape_markdown, page_user
-from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root
+from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root, thumbnail
 
 REFRESH_SECONDS = 1.5
 COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
@@ -116,6 +119,25 @@ def live_view(run_path: str) -> None:
         st.code(jobs.logs(run_path) or "(empty)", language=None)
 
 
+def data_findings(run_path: str) -> None:
+    """Leakage and duplicates the doctor found in this run's split: a warning when accuracy may be optimistic."""
+    findings = interpret.data_findings(run_path)
+    if not findings["checked"]:
+        return
+    if not findings["num_leaks"]:
+        st.caption(findings["sentence"])
+        return
+    st.warning(findings["sentence"], icon=":material/content_copy:")
+    with st.expander(f"The {findings['num_leaks']} leaked picture(s), side by side"):
+        for pair in findings["leakage"][:12]:
+            left, right = st.columns(2)
+            for column, path, split, label in zip((left, right), pair["paths"], pair["splits"], pair["labels"]):
+                try:
+                    column.image(thumbnail(path, 160), caption=f"{split} · {label} · {printable(Path(path).name)}")
+                except OSError:
+                    column.caption(f"{printable(path)} is no longer readable.")
+
+
 def compare(runs: list[RunStatus], current: RunStatus) -> None:
     others = st.multiselect("Overlay other runs (validation accuracy per epoch)",
                             [run.run_id for run in runs if run.run_id != current.run_id])
@@ -141,4 +163,5 @@ current = pick_run(runs, key="monitor_run", show_state=False)  # the live view b
 # Outside the live view: a click is never lost to the fragment redrawing itself every 1.5 s.
 controls(jobs.reconcile(current.path))
 live_view(current.path)
+data_findings(str(current.path))
 compare(runs, current)

@@ -148,6 +148,39 @@ def check_dataset(
     return report
 
 
+def split_findings(items, cache_dir: Optional[str | os.PathLike] = None, workers: Optional[int] = None,
+                   progress: Optional[Callable[[int, int], None]] = None, cache_key: Optional[str] = None) -> dict:
+    """Duplicates and leakage within one split manifest, as a training run writes them into `data_report.json`.
+
+    Args:
+        items: The run's split: objects with `path`, `label` and `split` (`engine.data.SplitItem`).
+        cache_key: Names the hash cache (the dataset folder), so the doctor and runs share it.
+
+    Returns:
+        {"leakage": [...], "num_leaks", "num_duplicate_files", "duplicates": [...],
+        "num_near_duplicate_pairs", "checked": True, "rule": the near-duplicate rule in words}.
+    """
+    paths = [item.path for item in items]
+    labels = {item.path: item.label for item in items}
+    split_of = {item.path: item.split for item in items}
+    hashes = file_hashes(paths, cache_dir, workers, progress, cache_key=cache_key)
+    content = {path: hashes[path]["content"] for path in paths}
+    perceptual = {path: hashes[path] for path in paths if hashes[path]["phash"]}
+    duplicates = _exact_duplicates(paths, content, labels, split_of)
+    _, near_total = _near_duplicates(paths, content, perceptual, labels, split_of)
+    leakage, leakage_total = _leakage(paths, content, perceptual, labels, split_of)
+    return {
+        "checked": True,
+        "leakage": leakage,
+        "num_leaks": leakage_total,
+        "duplicates": duplicates,
+        "num_duplicate_files": sum(len(group["paths"]) - 1 for group in duplicates),
+        "num_near_duplicate_pairs": near_total,
+        "rule": f"{HASH_NAME} at most {NEAR_DUPLICATE_DISTANCE} bits apart, mean colours at most "
+                f"{COLOUR_TOLERANCE} of 255 apart; exact duplicates are identical bytes.",
+    }
+
+
 def file_hashes(
     paths: list[str],
     cache_dir: Optional[str | os.PathLike] = None,

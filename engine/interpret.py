@@ -96,3 +96,30 @@ def per_class_table(split_evaluation: dict) -> pd.DataFrame:
     """Precision, recall, F1 and support per class."""
     per_class = split_evaluation.get("per_class") or {}
     return pd.DataFrame([{"class": name, **values} for name, values in per_class.items()])
+
+
+def data_findings(run_dir: str | os.PathLike) -> dict:
+    """What the data doctor found in the run's split (`data_report.json` → `doctor`), in words.
+
+    Returns:
+        {"checked": bool, "sentence": str, "leakage": [pairs], "num_leaks": int,
+        "num_duplicate_files": int, "excluded": int}; "checked" is False for runs trained
+        before the check existed, or when it failed.
+    """
+    report = runfiles.read_json(Path(run_dir) / runfiles.DATA_REPORT_FILE) or {}
+    doctor = report.get("doctor") or {}
+    excluded = int(report.get("num_excluded") or len(report.get("excluded") or []))
+    if not doctor.get("checked"):
+        return {"checked": False, "leakage": [], "num_leaks": 0, "num_duplicate_files": 0, "excluded": excluded,
+                "sentence": "This run's images were not checked for duplicates and leakage "
+                            "(it was trained before the check, or the check failed)."}
+    leaks, duplicates = int(doctor.get("num_leaks") or 0), int(doctor.get("num_duplicate_files") or 0)
+    if leaks:
+        sentence = (f"{leaks} validation/test image(s) are the same or nearly the same picture as a training image: "
+                    "the accuracy measured on them is likely too optimistic. Remove the copies and train again.")
+    else:
+        sentence = "No validation or test image is a copy of a training image."
+    if duplicates:
+        sentence += f" {duplicates} file(s) are exact copies of another file."
+    return {"checked": True, "sentence": sentence, "leakage": doctor.get("leakage") or [], "num_leaks": leaks,
+            "num_duplicate_files": duplicates, "excluded": excluded}
