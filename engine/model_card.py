@@ -29,7 +29,6 @@ CARD_FILE = "card.json"
 MARKDOWN_FILE = "model_card.md"
 HTML_FILE = "model_card.html"
 JSON_FILE = "model_card.json"
-DECISION_FILE = "decision.json"
 EXPORTS_FOLDER = "exports"
 PARITY_FILE = "parity.json"
 CARD_SCHEMA = 1
@@ -376,24 +375,36 @@ def _calibration_facts(calibration: Any) -> dict:
                    for entry in _list(reliability.get(kind)) if isinstance(entry, dict)]
             for kind in ("uncalibrated", "calibrated")}
     fitted_on = str(calibration.get("fitted_on") or "validation")
+    fitted_images = _number(calibration.get("num_images"))
+    fitted_words = f"the {_count(fitted_images)} {fitted_on} images" if fitted_images else f"the {fitted_on} images"
     sentences = [f"The model's confidence was adjusted with one number (a temperature of {temperature:.2f}, fitted "
-                 f"on the {fitted_on} images) so that \"90 % sure\" means right about 9 times in 10."]
+                 f"on {fitted_words}) so that \"90 % sure\" means right about 9 times in 10."]
     if before is not None and after is not None:
-        sentences.append(f"On average its stated confidence was {100 * before:.1f} points away from how often it "
-                         f"was right before the adjustment, and {100 * after:.1f} points after.")
+        sentences.append(f"On the {fitted_on} images, its stated confidence was on average {100 * before:.1f} "
+                         f"points away from how often it was right before the adjustment, and {100 * after:.1f} "
+                         "points after.")
+    # The test images never took part in fitting the temperature: the honest check of the adjustment.
+    test_errors = _dict(_dict(_dict(calibration.get("splits")).get("test")).get("expected_calibration_error"))
+    test_before, test_after = _number(test_errors.get("uncalibrated")), _number(test_errors.get("calibrated"))
+    if test_before is not None and test_after is not None:
+        sentences.append(f"On the test images, which the adjustment never saw: {100 * test_before:.1f} points "
+                         f"before, {100 * test_after:.1f} after.")
     return {"available": True, "temperature": temperature, "fitted_on": fitted_on,
+            "test_expected_calibration_error": {"uncalibrated": test_before, "calibrated": test_after},
             "bins": int(_number(calibration.get("bins")) or len(bins["calibrated"]) or 0),
             "expected_calibration_error": {"uncalibrated": before, "calibrated": after},
             "reliability": bins, "sentences": sentences}
 
 
 def _decision_facts(run_dir: Path, classes: list) -> dict:
-    decision = runfiles.read_json(run_dir / DECISION_FILE)
-    if not isinstance(decision, dict):
+    from engine.operating_point import read_decision
+
+    if not (run_dir / runfiles.DECISION_FILE).is_file():
         return {"available": False, "threshold": None, "minimum_confidence": None,
                 "sentences": ["No operating point was chosen: the model names the class it finds most likely, "
                               "however unsure it is."]}
-    threshold, minimum = _number(decision.get("threshold")), _number(decision.get("minimum_confidence"))
+    decision = read_decision(run_dir)
+    threshold, minimum = decision.threshold, decision.minimum_confidence
     sentences = []
     if threshold is not None and len(classes) == 2:
         sentences.append(f"It answers {classes[1]} when it is at least {_percent(threshold)} sure of {classes[1]}, "

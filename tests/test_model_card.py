@@ -77,6 +77,10 @@ def test_card_facts_agree_with_evaluation_json(trained_run):
     assert len(facts["weak_spots"]["pairs"]) <= MAX_WEAK_PAIRS
     assert facts["run"]["name"] == HOSTILE_NAME and facts["training"]["rounds_done"] == 1
     assert facts["exports"]["sentences"] == ["No exports yet."]
+    if "calibration" in evaluation:  # runs trained before calibration existed have none
+        assert facts["calibration"]["temperature"] == pytest.approx(evaluation["calibration"]["temperature"])
+        assert facts["calibration"]["expected_calibration_error"]["calibrated"] == pytest.approx(
+            evaluation["calibration"]["expected_calibration_error"]["calibrated"])
 
 
 @pytest.mark.training
@@ -151,7 +155,8 @@ def test_calibration_operating_point_doctor_and_exports_are_read_when_present(tm
                                                 "defect": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}}}},
         "calibration": {"temperature": 1.7, "fitted_on": "validation", "bins": 15,
                         "expected_calibration_error": {"uncalibrated": 0.123, "calibrated": 0.045},
-                        "reliability": {"uncalibrated": bins, "calibrated": bins}}})
+                        "reliability": {"uncalibrated": bins, "calibrated": bins}, "num_images": 8,
+                        "splits": {"test": {"expected_calibration_error": {"uncalibrated": 0.2, "calibrated": 0.1}}}}})
     runfiles.atomic_write_json(run_dir / "decision.json", {"threshold": 0.3, "minimum_confidence": None})
     runfiles.atomic_write_json(run_dir / "data_report.json", {
         "classes": classes, "class_counts": {"ok": 30, "defect": 10}, "split_counts": {}, "excluded": [],
@@ -165,6 +170,9 @@ def test_calibration_operating_point_doctor_and_exports_are_read_when_present(tm
     facts = card_facts(run_dir)
     assert facts["calibration"]["temperature"] == 1.7
     assert "12.3 points" in facts["calibration"]["sentences"][1] and "4.5 points" in facts["calibration"]["sentences"][1]
+    assert "fitted on the 8 validation images" in facts["calibration"]["sentences"][0]
+    assert facts["calibration"]["sentences"][2] == ("On the test images, which the adjustment never saw: 20.0 points "
+                                                    "before, 10.0 after.")
     assert facts["decision"]["sentences"] == ["It answers defect when it is at least 30.0 % sure of defect, otherwise "
                                               "ok (the usual cut is 50 %)."]
     assert facts["data"]["doctor"]["num_leaks"] == 1 and "Exact copies of another file: 2." in facts["data"]["sentences"]
