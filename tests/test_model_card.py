@@ -214,3 +214,23 @@ def test_user_text_cannot_break_the_markdown_or_html(tmp_path):
     assert "\\| not \\| a table \\|" in markdown and "\\<img src=x onerror=alert(1)\\>" in markdown
     assert not re.search(r"(?<!\\)<", markdown), "an unescaped < in the Markdown"
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def _card_command_wired() -> bool:
+    from engine.cli import COMMANDS
+
+    return "card" in COMMANDS
+
+
+@pytest.mark.skipif(not _card_command_wired(), reason="`python -m engine card` is not wired into engine/cli.py yet")
+def test_card_command_writes_the_three_files_and_prints_their_paths(tmp_path):
+    from tests.conftest import run_cli
+
+    run_dir = create_run(tiny_config(tmp_path / "nowhere"), tmp_path / "runs")
+    result = run_cli("card", "--run", run_dir.name, "--runs-dir", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    printed = [Path(line) for line in result.stdout.split()]
+    assert {path.name for path in printed} == {"model_card.md", "model_card.html", "model_card.json"}
+    assert all(path.parent == run_dir and path.is_file() for path in printed)
+    missing = run_cli("card", "--run", "no-such-run", "--runs-dir", tmp_path / "runs")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: No run 'no-such-run'")
