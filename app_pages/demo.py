@@ -2,7 +2,6 @@
 
 import hashlib
 import html
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -43,8 +42,10 @@ def classify(run_path: str, modified: float, image_bytes: bytes, suffix: str) ->
 
 
 @st.cache_data(max_entries=32, show_spinner="Finding where the model looked…")
-def where_it_looked(run_path: str, modified: float, image_bytes: bytes, suffix: str, class_name: str, size: int = 384):
-    """The picture with the parts that counted most for `class_name` drawn over it (Grad-CAM), as uint8 RGB."""
+def where_it_looked(run_path: str, modified: float, image_bytes: bytes, suffix: str, class_name: str,
+                    size: int = 384):
+    """The picture with the parts that counted most for `class_name` drawn over it (Grad-CAM), as uint8 RGB;
+    None when the model pointed at no part in particular."""
     import numpy as np
     from PIL import Image
 
@@ -55,11 +56,13 @@ def where_it_looked(run_path: str, modified: float, image_bytes: bytes, suffix: 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"picture{suffix}"
         path.write_bytes(image_bytes)
-        model_input, shown = load_rgb(str(path), image_size), load_rgb(str(path), size)
+        model_input, shown = load_rgb(str(path), image_size), Image.fromarray(load_rgb(str(path)))
     heatmap = gradcam.class_activation_maps(model, model_input[None], [class_names.index(class_name)])[0]
-    # The map has the model's (small) size; stretch it smoothly over the picture as shown.
-    heatmap = np.asarray(Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize((size, size), Image.BILINEAR))
-    return gradcam.overlay(shown, heatmap.astype(np.float32) / 255.0)
+    if gradcam.is_blank(heatmap):
+        return None
+    # The model sees a square; the audience sees the picture's own shape (overlay stretches the map to it).
+    shown.thumbnail((size, size))
+    return gradcam.overlay(np.asarray(shown), heatmap)
 
 
 def model_name(run, runs) -> str:
@@ -141,6 +144,17 @@ def headline(result: dict) -> str:
     return f"## Not sure — it could be {choices}"
 
 
+def not_sure_reason(run_path: str, best_probability: float) -> str:
+    """Why the model said "not sure", in plain words, with the level its owner set when there is one."""
+    from engine.operating_point import read_decision
+
+    level = read_decision(run_path).minimum_confidence
+    if level is None:
+        return "The model is not confident enough to give one answer, so it says so instead of guessing."
+    return (f"Its best guess is only {best_probability:.0%} likely; the model's owner asked it to answer only "
+            f"when it is at least {level:.0%} sure, so it says so instead of guessing.")
+
+
 def send_feedback(run, picture_bytes: bytes, predicted: str, correct: bool, user, sent_key: str) -> None:
     try:
         record_feedback(run.path, picture_bytes, predicted, correct, user)
@@ -160,16 +174,17 @@ def show_answer(run, picture, user) -> None:
         return
     best = result["top"][0]["class"]
     overlay = None
-    if importlib.util.find_spec("engine.gradcam") is not None:
-        if st.toggle("Show where the model looked", key="demo_overlay"):
-            overlay = where_it_looked(run.path, modified, picture_bytes, suffix, best)
+    looked = st.toggle("Show where the model looked", key="demo_overlay")
+    if looked:
+        overlay = where_it_looked(run.path, modified, picture_bytes, suffix, best)
     st.image(overlay if overlay is not None else picture_bytes, width=384)
-    if overlay is not None:
-        st.caption(f"The warm colours show the parts of the picture that counted most for "
-                   f"“{escape_markdown(best)}”.")
+    if looked:
+        st.caption(f"The bright, warm colours show the parts of the picture that counted most for "
+                   f"“{escape_markdown(best)}”." if overlay is not None
+                   else "The model did not point at any one part of this picture.")
     st.markdown(headline(result))
     if not result.get("sure", True):
-        st.caption("The model is not confident enough to give one answer, so it says so instead of guessing.")
+        st.caption(not_sure_reason(run.path, result["top"][0]["probability"]))
     st.markdown(bars(result["top"]), unsafe_allow_html=True)
     if true_class:
         st.caption(f"This example comes from the “{escape_markdown(true_class)}” pictures.")

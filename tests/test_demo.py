@@ -325,9 +325,10 @@ def test_the_page_speaks_plain_words(demo_runs):
     record_feedback(run_dir, png_bytes(), "cats", False, OTHER_MEMBER)  # so the review list has an item
     app = open_demo(run_dir.name)
     app.button(key="example_2").click().run()
-    if app.toggle:
-        app.toggle(key="demo_overlay").set_value(True).run()
+    app.toggle(key="demo_overlay").set_value(True).run()
     assert not app.exception, app.exception
+    # The Grad-CAM toggle draws the overlay (or says the model pointed nowhere in particular).
+    assert any("counted most for" in caption.value or "did not point" in caption.value for caption in app.caption)
     texts = page_texts(app)
     assert any("This looks like" in text or "Not sure" in text for text in texts)  # the answer was collected
     assert any("Share this demo" in text for text in texts) and any("Feedback to review" in text for text in texts)
