@@ -232,7 +232,7 @@ def share(run) -> None:
     with words:
         st.write("People in the room can open this model on their phones: scan the code with the phone's camera, "
                  "or type the address. They can try pictures and say right or wrong, but cannot change anything.")
-        st.code(link, language=None)
+        st.code(link, language=None, wrap_lines=True)
         if only_this_computer(link):
             st.warning("This address only opens on this computer. For phones, start the dashboard with "
                        "`--server.address 0.0.0.0` and open it by this computer's network name.")

@@ -1,0 +1,139 @@
+"""Demo mode in a real headless Chromium (Debian's package) driven by Playwright.
+
+Trains a tiny three-colour run, serves the dashboard on a free local port, opens the share
+link (`/demo?run=<id>`), classifies an example picture, sees the bars and the answer, turns on
+"Show where the model looked", and finds the share link and its QR code. Screenshots go to
+the test's temporary folder (`demo-1-answer.png`, `demo-2-overlay.png`).
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO_ROOT, make_dataset, tiny_config
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [pytest.mark.browser, pytest.mark.training]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server(tmp_path):
+    """A tiny trained run named "Colour guesser", and the dashboard serving its runs folder on a free port."""
+    import engine
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
+    data = make_dataset(tmp_path / "colours", classes=("birds", "cats", "dogs"), per_class=8, size=(64, 48))
+    # 96 px, so the last feature map has more than one cell for Grad-CAM to tell apart; the head
+    # trains on cached features, so more epochs cost little and the bars tell the colours apart.
+    config = tiny_config(data, name="Colour guesser", **{"data.cache": "memory", "model.image_size": 96,
+                                                          "training.epochs": 25})
+    run_dir = engine.train_run(config, tmp_path / "runs")
+    assert engine.read_status(run_dir).state is engine.State.FINISHED
+    port = free_port()
+    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(tmp_path / "runs"),
+                   "TRANSFER_STUDIO_DATA": str(tmp_path / "appdata"), "TRANSFER_STUDIO_OFFLINE": "1"}
+    log = open(tmp_path / "streamlit.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the dashboard did not start: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+        yield url, run_dir
+    finally:
+        # The server and anything it started share its process group: end that group by its id.
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        context = browser.new_context(viewport={"width": 1366, "height": 900})
+        yield context.new_page()
+        browser.close()
+
+
+def screenshot(page, path) -> None:
+    """The whole page once drawn: the script stopped, no placeholders, the viewport as tall as the main area."""
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60000)
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30000)
+    page.wait_for_timeout(500)
+    # The main area scrolls inside the page, so a full-page shot needs a viewport that tall.
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 900")
+    page.set_viewport_size({"width": 1366, "height": max(900, min(int(height) + 100, 4000))})
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": 1366, "height": 900})
+
+
+def test_demo_mode_classifies_an_example_and_shows_where_the_model_looked(demo_server, page, tmp_path):
+    from playwright.sync_api import expect
+
+    url, run_dir = demo_server
+    page.goto(f"{url}/demo?run={run_dir.name}")
+    page.get_by_role("heading", name="Demo", exact=True).wait_for(timeout=60000)
+    expect(page.get_by_role("combobox", name="Model")).to_have_value("Colour guesser", timeout=30000)
+    expect(page.get_by_text("Take a photo or choose an example picture")).to_be_visible(timeout=30000)
+
+    page.get_by_role("button", name="Try this one").first.click()
+    answer = page.get_by_role("heading", name=re.compile(r"^(This looks like|Not sure)"))
+    expect(answer).to_be_visible(timeout=60000)
+    bars = page.locator(".demo-bar")
+    expect(bars).to_have_count(3, timeout=30000)
+    percentages = [re.search(r"(\d+)%", text) for text in bars.all_inner_texts()]
+    assert all(percentages), bars.all_inner_texts()
+    assert sum(int(found.group(1)) for found in percentages) in range(97, 104)  # rounded shares of one whole
+    assert page.url.endswith(f"/demo?run={run_dir.name}")  # the address still names the run
+    screenshot(page, tmp_path / "demo-1-answer.png")
+
+    sources_before = [image.get_attribute("src") for image in page.locator("[data-testid='stImage'] img").all()]
+    page.get_by_text("Show where the model looked").click()
+    expect(page.get_by_text("counted most for")).to_be_visible(timeout=60000)
+    screenshot(page, tmp_path / "demo-2-overlay.png")
+    sources_after = [image.get_attribute("src") for image in page.locator("[data-testid='stImage'] img").all()]
+    # The overlay takes the photo's place: one picture changed, the gallery and the QR code did not.
+    assert len(sources_after) == len(sources_before)
+    assert sum(before != after for before, after in zip(sources_before, sources_after)) == 1
+
+    expect(page.get_by_text("Share this demo")).to_be_visible()
+    expect(page.locator("[data-testid='stCode']")).to_contain_text(f"/demo?run={run_dir.name}")
+    expect(page.get_by_text("Scan to open this demo")).to_be_visible()
+    for name in ("demo-1-answer.png", "demo-2-overlay.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
