@@ -1,4 +1,5 @@
-"""Evaluate: the confusion matrix down to the images, per-class scores, confused pairs, top losses."""
+"""Evaluate: the confusion matrix down to the images (with where the model looked), how sure the model is,
+its operating point, per-class scores, confused pairs, top losses and the model card."""
 
 from pathlib import Path
 
@@ -8,15 +9,20 @@ import streamlit as st
 
 from engine import runfiles
 from engine.images import printable
-from engine.interpret import cell_images, load_predictions, most_confused, per_class_table, top_losses
+from engine.interpret import (apply_decision, cell_images, confusion_table, load_predictions, most_confused,
+                              per_class_table, split_probabilities, top_losses)
+from engine.operating_point import NOT_SURE
 from signin import escape_markdown, page_user
 from ui import pick_run, runs_having, thumbnail
+from views.card import card_section
+from views.confidence import calibration_section, operating_point_controls
+from views.explain import heatmaps, overlaid, overlay_controls
 
 GRID_COLUMNS = 6
 
 
-def confusion_figure(classes: list, matrix: np.ndarray, normalised: bool):
-    """The confusion matrix as a heatmap (rows: true class, columns: predicted), clickable per cell.
+def confusion_figure(classes: list, answers: list, matrix: np.ndarray, normalised: bool):
+    """The confusion matrix as a heatmap (rows: true class, columns: the answer), clickable per cell.
 
     A transparent marker sits on every cell: Streamlit reports clicks on markers, not on heatmap cells.
     """
@@ -24,10 +30,10 @@ def confusion_figure(classes: list, matrix: np.ndarray, normalised: bool):
     shares = np.divide(matrix, totals, out=np.zeros_like(matrix, dtype=float), where=totals > 0)
     texts = [[f"{value:.0%}" for value in row] for row in shares] if normalised else matrix.astype(int).astype(str)
     figure = go.Figure(go.Heatmap(
-        z=shares, x=classes, y=classes, text=texts, texttemplate="%{text}", textfont=dict(size=18),
+        z=shares, x=answers, y=classes, text=texts, texttemplate="%{text}", textfont=dict(size=18),
         colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="share of row"), hoverinfo="skip"))
-    xs = [predicted for _ in classes for predicted in classes]
-    ys = [true for true in classes for _ in classes]
+    xs = [predicted for _ in classes for predicted in answers]
+    ys = [true for true in classes for _ in answers]
     figure.add_trace(go.Scatter(
         x=xs, y=ys, mode="markers", showlegend=False,
         marker=dict(size=max(12, min(120, int(600 / max(1, len(classes))))), color="rgba(0,0,0,0)", symbol="square"),
@@ -38,23 +44,31 @@ def confusion_figure(classes: list, matrix: np.ndarray, normalised: bool):
     return figure
 
 
-def image_grid(rows, empty_message: str) -> None:
+def image_grid(rows, empty_message: str, run_path: str, opacity: float | None) -> None:
+    """Thumbnails with the true class, the answer and how sure; with `opacity`, Grad-CAM over each."""
     if rows.empty:
         st.caption(empty_message)
         return
+    # Each image is explained for the class the model answered (its own predicted class for "not sure").
+    maps = heatmaps(run_path, list(rows["path"]), list(rows["predicted"])) if opacity is not None else None
     columns = st.columns(GRID_COLUMNS)
     for position, row in enumerate(rows.itertuples()):
         with columns[position % GRID_COLUMNS]:
             try:
-                st.image(thumbnail(row.path, 200), caption=f"{printable(Path(row.path).name)}: {row.true} → {row.predicted} "
-                                                    f"({row.confidence:.0%} sure)")
+                image = thumbnail(row.path, 200)
+                if maps is not None:
+                    image = overlaid(image, maps[position], opacity)
+                st.image(image, caption=f"{printable(Path(row.path).name)}: {row.true} → {row.predicted} "
+                                        f"({row.confidence:.0%} sure)")
             except OSError:
                 st.caption(f"{printable(Path(row.path).name)} is no longer readable.")
 
 
-def pick_cell(classes: list, selection) -> tuple[str, str]:
+def pick_cell(classes: list, answers: list, selection) -> tuple[str, str]:
     """The cell to show: a click on the matrix, else the two pickers below it."""
     points = (selection or {}).get("selection", {}).get("points", []) if selection else []
+    if st.session_state.get("cell_predicted") not in (None, *answers):
+        del st.session_state["cell_predicted"]  # "not sure" went away with the slider
     if "cell_true" not in st.session_state or st.session_state["cell_true"] not in classes:
         # Start on the most confused pair: the cell most worth a look.
         pairs = most_confused(result)
@@ -64,7 +78,7 @@ def pick_cell(classes: list, selection) -> tuple[str, str]:
         st.session_state["cell_true"], st.session_state["cell_predicted"] = points[0]["y"], points[0]["x"]
     left, right = st.columns(2)
     true = left.selectbox("True class", classes, key="cell_true")
-    predicted = right.selectbox("Predicted class", classes, key="cell_predicted")
+    predicted = right.selectbox("Answer", answers, key="cell_predicted")
     return true, predicted
 
 
@@ -81,24 +95,37 @@ left, right = st.columns([2, 1])
 split = left.radio("Images", splits, horizontal=True, format_func=str.capitalize, key="evaluate_split",
                    help="Validation images scored the run during training; test images were never seen.")
 normalised = right.toggle("Show shares of each row", key="normalised",
-                          help="Each row shows how the images of one true class were predicted, in %.")
+                          help="Each row shows how the images of one true class were answered, in %.")
 result = evaluation["splits"][split]
 classes = evaluation["classes"]
+raw_predictions = load_predictions(run.path)
+has_model = (Path(run.path) / runfiles.MODEL_FILE).is_file()
+can_change = user.can_control(run.owner)
+
+calibration_section(evaluation, split)
+probabilities, true_indices, _ = split_probabilities(raw_predictions, split)
+decision = operating_point_controls(str(run.path), classes, probabilities, true_indices, can_change, user)
+predictions = apply_decision(raw_predictions, decision)
+
+rows = predictions[predictions["split"] == split] if not predictions.empty else predictions
+answered = rows[rows["predicted"] != NOT_SURE] if not rows.empty else rows
 first, second, third = st.columns(3)
-first.metric("Accuracy", "–" if result["accuracy"] is None else f"{result['accuracy']:.1%}",
-             help="Share of images classified correctly.")
-second.metric("Macro F1", f"{result.get('macro_f1', 0):.2f}", help="Average over classes of the balance of precision and recall.")
-third.metric("Images", result["num_images"])
+first.metric("Accuracy", "–" if answered.empty else f"{answered['correct'].mean():.1%}",
+             help="Share of the answered images classified correctly, at the operating point above.")
+second.metric("Answered", "–" if rows.empty else f"{len(answered) / len(rows):.0%}",
+              help="Share of images the model gave a class for; the rest it called \"not sure\".")
+third.metric("Macro F1 (most probable class)", f"{result.get('macro_f1', 0):.2f}",
+             help="Average over classes of the balance of precision and recall, answering the most probable class.")
 
 st.subheader("Confusion matrix")
-st.caption("Click a square to see its images. Rows are the true class, columns the prediction.")
-matrix = np.array(result["confusion_matrix"])
-selection = st.plotly_chart(confusion_figure(classes, matrix, normalised), key="confusion", on_select="rerun",
+st.caption("Click a square to see its images. Rows are the true class, columns the answer.")
+matrix, answers = confusion_table(predictions, split, classes)
+selection = st.plotly_chart(confusion_figure(classes, answers, matrix, normalised), key="confusion", on_select="rerun",
                             selection_mode="points")
-true, predicted = pick_cell(classes, selection)
-predictions = load_predictions(run.path)
-st.markdown(f"**True {escape_markdown(true)}, predicted {escape_markdown(predicted)}**")
-image_grid(cell_images(predictions, split, true, predicted).head(24), "No images in this cell.")
+true, predicted = pick_cell(classes, answers, selection)
+opacity = overlay_controls("evaluate_overlay") if has_model else None
+st.markdown(f"**True {escape_markdown(true)}, answered {escape_markdown(predicted)}**")
+image_grid(cell_images(predictions, split, true, predicted).head(24), "No images in this cell.", str(run.path), opacity)
 
 left, right = st.columns(2)
 with left:
@@ -114,4 +141,5 @@ with right:
         st.caption("No mistakes on these images.")
 st.subheader("Most wrong (top losses)")
 st.caption("The images the model was most confidently wrong about, or least sure were right.")
-image_grid(top_losses(predictions, split, 12), "No predictions saved.")
+image_grid(top_losses(predictions, split, 12), "No predictions saved.", str(run.path), opacity)
+card_section(str(run.path), run.run_id, can_change, user)

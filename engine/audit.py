@@ -21,7 +21,8 @@ from engine.users import User
 
 AUDIT_FILE = "audit.jsonl"
 ACTIONS = ("start", "stop", "kill", "resume", "rename", "delete", "restore", "set_max_concurrent",
-           "move_to_front", "set_operating_point")
+           "move_to_front", "set_operating_point",
+           "set_intended_use")
 
 
 def record(runs_dir: str | os.PathLike, user: User, action: str, run_id: str = "", source: str = "python",

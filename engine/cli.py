@@ -1,4 +1,4 @@
-"""The command line: `python -m engine train|evaluate|predict|runs|backbones|check`.
+"""The command line: `python -m engine train|evaluate|predict|runs|backbones|check|card|operating-point|...`.
 
 A thin adapter over the engine. Bad input exits with status 2 and one line
 `error: ...` on stderr, never a traceback.
@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3)
     predict.add_argument("--runs-dir")
     predict.add_argument("images", nargs="+", help="image files")
+
+    card = commands.add_parser("card", help="write a run's model card (HTML, Markdown, JSON) into its folder")
+    card.add_argument("--run", required=True, help="run folder or run id")
+    card.add_argument("--runs-dir")
+
+    point = commands.add_parser("operating-point",
+                                help="show or set where a run answers: its threshold and its minimum confidence")
+    point.add_argument("--run", required=True, help="run folder or run id")
+    point.add_argument("--runs-dir")
+    point.add_argument("--threshold", type=float,
+                       help="two-class runs: the second class's probability (0-1) from which it is answered")
+    point.add_argument("--minimum-confidence", type=float,
+                       help="below this probability (0-1) of the answered class, predictions read 'not sure'")
 
     runs = commands.add_parser("runs", help="list the runs")
     runs.add_argument("--runs-dir")
@@ -194,6 +207,35 @@ def command_predict(arguments) -> int:
     if missing:
         raise CommandError(f"Image file {missing[0]!r} does not exist.")
     print(json.dumps(predict_images(run_dir, arguments.images, arguments.top_k), indent=2))
+    return 0
+
+
+def command_card(arguments) -> int:
+    from engine.model_card import write_card
+    from engine.runs import resolve_run
+
+    for path in write_card(resolve_run(arguments.run, arguments.runs_dir)).values():
+        print(path)
+    return 0
+
+
+def command_operating_point(arguments) -> int:
+    from engine.operating_point import read_decision, save_decision
+    from engine.runs import resolve_run
+
+    from engine import runfiles
+
+    run_dir = resolve_run(arguments.run, arguments.runs_dir)
+    decision = read_decision(run_dir)
+    if arguments.threshold is not None or arguments.minimum_confidence is not None:
+        # A setting not given keeps its saved value.
+        decision = save_decision(run_dir,
+                                 decision.threshold if arguments.threshold is None else arguments.threshold,
+                                 decision.minimum_confidence if arguments.minimum_confidence is None
+                                 else arguments.minimum_confidence, source="cli")
+    classes = (runfiles.read_json(Path(run_dir) / runfiles.LABELS_FILE) or {}).get("classes") or []
+    print(json.dumps({"threshold": decision.threshold, "minimum_confidence": decision.minimum_confidence,
+                      "in_words": decision.describe(classes)}, indent=2))
     return 0
 
 
@@ -409,6 +451,8 @@ COMMANDS = {
     "runs": command_runs,
     "backbones": command_backbones,
     "check": command_check,
+    "card": command_card,
+    "operating-point": command_operating_point,
 }
 
 

@@ -123,3 +123,59 @@ def data_findings(run_dir: str | os.PathLike) -> dict:
         sentence += f" {duplicates} file(s) are exact copies of another file."
     return {"checked": True, "sentence": sentence, "leakage": doctor.get("leakage") or [], "num_leaks": leaks,
             "num_duplicate_files": duplicates, "excluded": excluded}
+
+
+def class_columns(predictions: pd.DataFrame) -> list[str]:
+    """The class names of a predictions table, in the model's output order."""
+    return [column[len("prob_"):] for column in predictions.columns if column.startswith("prob_")]
+
+
+def apply_decision(predictions: pd.DataFrame, decision) -> pd.DataFrame:
+    """The predictions as the run answers at an operating point (`engine.operating_point.Decision`).
+
+    `predicted` becomes the answered class or "not sure", `confidence` the probability of the
+    answered class and `correct` is False for "not sure"; `true_probability` and `loss` stay.
+    """
+    from engine.operating_point import NOT_SURE, decide
+
+    if predictions.empty:
+        return predictions
+    classes = class_columns(predictions)
+    probabilities = predictions[[f"prob_{name}" for name in classes]].to_numpy()
+    answered, sure = decide(probabilities, decision)
+    changed = predictions.copy()
+    changed["predicted"] = np.where(sure, np.asarray(classes, dtype=object)[answered], NOT_SURE)
+    changed["confidence"] = probabilities[np.arange(len(changed)), answered]
+    changed["correct"] = sure & (changed["predicted"] == changed["true"])
+    return changed
+
+
+def confusion_table(predictions: pd.DataFrame, split: str, classes: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Counts per (true class, answer) of one split; a "not sure" column is added when any image has it.
+
+    Returns:
+        (matrix of shape classes × answers, the answer names in column order).
+    """
+    from engine.operating_point import NOT_SURE
+
+    rows = predictions[predictions["split"] == split] if not predictions.empty else predictions
+    answers = list(classes) + ([NOT_SURE] if not rows.empty and (rows["predicted"] == NOT_SURE).any() else [])
+    matrix = np.zeros((len(classes), len(answers)), dtype=int)
+    if not rows.empty:
+        row_of = {name: index for index, name in enumerate(classes)}
+        column_of = {name: index for index, name in enumerate(answers)}
+        for true, predicted in zip(rows["true"], rows["predicted"]):
+            if true in row_of and predicted in column_of:
+                matrix[row_of[true], column_of[predicted]] += 1
+    return matrix, answers
+
+
+def split_probabilities(predictions: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(calibrated probabilities, true class indices, class names) of one split, for curves."""
+    classes = class_columns(predictions)
+    rows = predictions[predictions["split"] == split] if not predictions.empty else predictions
+    if rows.empty:
+        return np.zeros((0, len(classes))), np.zeros(0, dtype=int), classes
+    index_of = {name: index for index, name in enumerate(classes)}
+    return (rows[[f"prob_{name}" for name in classes]].to_numpy(dtype=float),
+            rows["true"].map(index_of).to_numpy(dtype=int), classes)

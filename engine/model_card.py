@@ -54,13 +54,14 @@ def intended_use(run_dir: str | os.PathLike) -> str:
     return text if isinstance(text, str) else ""
 
 
-def set_intended_use(run_dir: str | os.PathLike, text: str, user=None) -> str:
+def set_intended_use(run_dir: str | os.PathLike, text: str, user=None, source: str = "python") -> str:
     """Saves what the run's model is for in the run folder's `card.json`; owner or admin only.
 
     Args:
         run_dir: The run folder.
         text: Plain words (at most MAX_INTENDED_USE_CHARACTERS); "" clears the field.
         user: Who writes it (`engine.users.User`; None is the local user, an admin).
+        source: Where from, for the audit log ("page", "cli" or "python").
 
     Returns:
         The text as saved (surrounding blank space removed).
@@ -69,6 +70,7 @@ def set_intended_use(run_dir: str | os.PathLike, text: str, user=None) -> str:
         PermissionError: a viewer, or a member who does not own the run.
         ValueError: the text is not text or is too long; or the folder is not a run.
     """
+    from engine import audit
     from engine.jobs import authorize
     from engine.status import now_iso, read_status
 
@@ -86,6 +88,7 @@ def set_intended_use(run_dir: str | os.PathLike, text: str, user=None) -> str:
     stored = stored if isinstance(stored, dict) else {}
     stored.update(intended_use=text, updated_by=acting.id, updated_by_name=acting.name, updated_at=now_iso())
     runfiles.atomic_write_json(run_dir / CARD_FILE, stored)
+    audit.record(run_dir.parent, acting, "set_intended_use", run_dir.name, source)
     return text
 
 

@@ -180,3 +180,21 @@ def test_a_trained_run_is_calibrated_and_predictions_obey_its_operating_point(ti
     # Undoing the temperature gives back the raw probabilities, which predict shows uncalibrated nowhere.
     raw = scale(np.array([saved]), 1 / calibration["temperature"])[0]
     assert raw.sum() == pytest.approx(1.0)
+
+
+def test_the_cli_shows_and_sets_the_operating_point_keeping_what_is_not_given(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    run_dir = finished_run(tmp_path)
+    runs = tmp_path / "runs"
+    shown = run_cli("operating-point", "--run", run_dir.name, "--runs-dir", runs)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["threshold"] is None
+    assert run_cli("operating-point", "--run", run_dir.name, "--runs-dir", runs, "--minimum-confidence", "0.6").returncode == 0
+    changed = run_cli("operating-point", "--run", run_dir.name, "--runs-dir", runs, "--threshold", "0.4")
+    assert json.loads(changed.stdout)["minimum_confidence"] == 0.6 and json.loads(changed.stdout)["threshold"] == 0.4
+    assert read_decision(run_dir) == Decision(0.4, 0.6)
+    refused = run_cli("operating-point", "--run", run_dir.name, "--runs-dir", runs, "--threshold", "2")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: `threshold` must be a number from 0")

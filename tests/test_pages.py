@@ -132,7 +132,7 @@ def test_evaluate_shows_the_images_of_a_chosen_cell(app_environment, finished_ru
     app.selectbox(key="cell_true").set_value(row["true"]).run()
     app.selectbox(key="cell_predicted").set_value(row["predicted"]).run()
     assert not app.exception
-    assert any(f"True {row['true']}, predicted {row['predicted']}" in markdown.value for markdown in app.markdown)
+    assert any(f"True {row['true']}, answered {row['predicted']}" in markdown.value for markdown in app.markdown)
     table = next(table.value for table in app.dataframe if "precision" in table.value.columns)
     assert list(table["class"]) == ["birds", "cats", "dogs"]
 
