@@ -8,7 +8,9 @@ Images anywhere below a class folder belong to that class (nested subfolders are
 read recursively; a linked subfolder is not followed). Hidden files and folders,
 files without an image extension and files directly in the data folder are ignored
 and counted; files that look like images but cannot be used are excluded with a
-reason. Nothing is dropped silently. This module never imports TensorFlow.
+reason. Nothing is dropped silently. The user's label decisions (`engine.label_decisions`:
+leave an image out, or move it to another class) are applied after every scan, without
+touching the files. This module never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class DatasetScan:
     # Every file that was checked (usable or excluded), in scan order: the rows of the
     # whole-folder image cache (`engine.pipeline.scan_and_decode`).
     candidates: list = field(default_factory=list)
+    # Images whose label a user's decision changed: {path, from, to, split, by} (engine.label_decisions).
+    relabelled: list = field(default_factory=list)
 
     def counts(self) -> dict:
         """Usable images per class, and per split when the folder is pre-split."""
@@ -107,6 +111,8 @@ class DatasetScan:
             "num_ignored": len(self.ignored),
             "num_hidden_ignored": hidden,
             "notes": [{"path": item.path, "note": item.note} for item in self.files if item.note],
+            "relabelled": self.relabelled,
+            "num_relabelled": len(self.relabelled),
             "warnings": self.warnings,
         }
 
@@ -120,6 +126,13 @@ def _stats(values: list) -> dict:
         "max": max(values),
         "mean": round(statistics.fmean(values), 1),
     }
+
+
+def class_names(root: str | os.PathLike) -> list[str]:
+    """The class folder names of a dataset folder (flat, or the train folder of a pre-split one), sorted."""
+    root = Path(root).expanduser()
+    layout, folders = detect_layout(root)
+    return [entry.name for entry in _list_class_folders(folders["train"] if layout == "split" else root)]
 
 
 def _list_class_folders(folder: Path) -> list[Path]:
@@ -231,11 +244,14 @@ def scan_dataset(
     progress: Optional[Callable[[int, int], None]] = None,
     workers: Optional[int] = None,
     check_files: Optional[Callable[[list], list]] = None,
+    apply_decisions: bool = True,
 ) -> DatasetScan:
     """Scans a dataset folder, decoding every candidate image once to check it.
 
     The result is cached by the folder's fingerprint, so an unchanged folder is not
-    decoded again.
+    decoded again. The user's label decisions are applied afterwards (cached scan or not):
+    a left-out image is listed in `excluded` with its reason, a moved one takes its new label
+    and is listed in `relabelled`.
 
     Args:
         root: The dataset folder.
@@ -245,6 +261,8 @@ def scan_dataset(
         check_files: Called instead of the plain check, on a cache miss, with the candidate
             paths; returns one `ImageCheck` dictionary per path. The training worker uses it
             to check and decode every file in a single pass.
+        apply_decisions: Apply the recorded label decisions (`engine.label_decisions`); False
+            gives the labels the folders give.
 
     Raises:
         DataError: the folder does not exist or is not a folder.
@@ -281,6 +299,10 @@ def scan_dataset(
     classes = sorted({label for _, label, _ in candidates} | _class_names(root_path, layout))
     scan = DatasetScan(str(root_path), layout, classes, fingerprint, files, excluded, ignored, warnings,
                        [path for path, _, _ in candidates])
+    if apply_decisions:
+        from engine.label_decisions import apply_decisions as apply_label_decisions
+
+        apply_label_decisions(scan)
     _add_balance_warnings(scan)
     return scan
 
