@@ -36,6 +36,7 @@ project does not install next to Keras 3. The computation is a few lines.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
 
 
 def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Sequence[int]] = None,
-                          batch_size: int = 16) -> np.ndarray:
+                          batch_size: int = 32) -> np.ndarray:
     """Grad-CAM heatmaps of a run's model over a batch of images.
 
     Args:
@@ -168,6 +169,15 @@ def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Seq
     Raises:
         ValueError: the images have the wrong shape, a class index is out of range, or the
             model lacks the layers a Transfer Studio model has.
+    """
+    return maps_and_classes(model, images, class_indices, batch_size)[0]
+
+
+def maps_and_classes(model, images: np.ndarray, class_indices: Optional[Sequence[int]] = None,
+                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """`class_activation_maps`, and the class index each map explains (the predicted one by default).
+
+    One pass gives both, so a caller explaining the predicted class needs no separate prediction.
     """
     import tensorflow as tf
 
@@ -189,18 +199,19 @@ def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Seq
                              f"received {class_indices.tolist()}.")
     height, width = images.shape[1:3]
     if len(images) == 0:
-        return np.zeros((0, height, width), dtype=np.float32)
-    heatmaps = []
+        return np.zeros((0, height, width), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    heatmaps, classes = [], []
     for start in range(0, len(images), max(1, batch_size)):
         chunk = images[start:start + batch_size]
         chunk_classes = None if class_indices is None else class_indices[start:start + batch_size]
-        small, _ = _maps_for_batch(parts, chunk, chunk_classes)
+        small, chosen = _maps_for_batch(parts, chunk, chunk_classes)
         # Normalise before and after the resize: the first decides which maps are blank on the
         # coarse map itself, the second restores a peak of exactly 1 after interpolation.
         small = _normalise(small)
         resized = tf.image.resize(small[..., None], (height, width), method="bilinear").numpy()[..., 0]
         heatmaps.append(_normalise(resized))
-    return np.concatenate(heatmaps).astype(np.float32)
+        classes.append(chosen.astype(np.int64))
+    return np.concatenate(heatmaps).astype(np.float32), np.concatenate(classes)
 
 
 def is_blank(heatmap: np.ndarray) -> bool:
@@ -211,11 +222,20 @@ def is_blank(heatmap: np.ndarray) -> bool:
 def colourise(heatmap: np.ndarray) -> np.ndarray:
     """Maps values in [0, 1] to uint8 RGB through the inferno-like table (dark = 0, pale yellow = 1)."""
     values = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    position = values * (len(_INFERNO_STOPS) - 1)
-    lower = np.floor(position).astype(np.int64).clip(0, len(_INFERNO_STOPS) - 2)
-    weight = (position - lower)[..., None]
-    colours = _INFERNO_STOPS[lower] * (1.0 - weight) + _INFERNO_STOPS[lower + 1] * weight
-    return np.round(colours).astype(np.uint8)
+    # 256 levels are as many as an 8-bit image can show; a table lookup is many times faster
+    # than interpolating every pixel.
+    return _colour_table()[np.rint(values * 255.0).astype(np.uint8)]
+
+
+@functools.lru_cache(maxsize=1)
+def _colour_table() -> np.ndarray:
+    """The colour map as 256 uint8 RGB rows, interpolated linearly between its stops."""
+    positions = np.linspace(0.0, 1.0, len(_INFERNO_STOPS))
+    levels = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(levels, positions, _INFERNO_STOPS[:, channel]) for channel in range(3)], axis=1)
+    table = np.round(table).astype(np.uint8)
+    table.setflags(write=False)
+    return table
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.45) -> np.ndarray:
@@ -302,14 +322,13 @@ def explain_images(run_dir: str | os.PathLike, image_paths: list[str], out_dir: 
 
     Returns:
         One dictionary per image, in order: path, and either `overlay` (the written PNG),
-        `class` (the explained, predicted class), `probability` (the model's probability of
-        it), `central_share` (see `central_share`; None for a blank map) and `blank`, or
-        `error` naming why the file could not be used.
+        `class` (the explained class: the predicted one), `central_share` (see
+        `central_share`; None for a blank map) and `blank` (see `is_blank`), or `error`
+        naming why the file could not be used.
     """
     from PIL import Image
 
     from engine.images import check_image, load_rgb
-    from engine.modeling import probabilities_per_class
     from engine.predict import load_run_model
 
     if not 0.0 <= float(opacity) <= 1.0:
@@ -333,21 +352,18 @@ def explain_images(run_dir: str | os.PathLike, image_paths: list[str], out_dir: 
         results.append({"path": path})
     if not arrays:
         return results
-    batch = np.stack(arrays)
-    probabilities = probabilities_per_class(model.predict(batch, verbose=0, batch_size=32), len(class_names))
-    predicted = np.argmax(probabilities, axis=1)
-    heatmaps = class_activation_maps(model, batch, predicted)
+    heatmaps, predicted = maps_and_classes(model, np.stack(arrays))
     used_names: set[str] = set()
-    for position, heatmap, class_index, row in zip(positions, heatmaps, predicted, probabilities):
+    for position, heatmap, class_index in zip(positions, heatmaps, predicted):
         path = results[position]["path"]
         picture = _display_image(path)
         target = out_dir / _unique_name(Path(path).stem, used_names)
-        Image.fromarray(overlay(picture, heatmap, opacity)).save(target, format="PNG")
+        # The fastest zlib level: several times quicker than the default, files about a third larger.
+        Image.fromarray(overlay(picture, heatmap, opacity)).save(target, format="PNG", compress_level=1)
         share = central_share(heatmap)
         results[position].update({
             "overlay": str(target),
             "class": class_names[int(class_index)],
-            "probability": float(row[int(class_index)]),
             "central_share": None if np.isnan(share) else share,
             "blank": is_blank(heatmap),
         })
