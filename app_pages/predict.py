@@ -1,4 +1,5 @@
-"""Predict: upload images (or use the camera) and see a trained run's top classes."""
+"""Predict: upload images (or use the camera), see a trained run's top classes (calibrated), its answer or
+"not sure" at the run's operating point, and where the model looked (Grad-CAM)."""
 
 import tempfile
 from pathlib import Path
@@ -9,27 +10,19 @@ import streamlit as st
 from engine import runfiles
 from signin import escape_markdown, page_user
 from ui import pick_run, runs_having
-
-
-@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def loaded_model(run_path: str, modified: float):
-    """The run's model, loaded once per model file (read-only, shared by every visitor)."""
-    from engine.predict import load_run_model
-
-    return load_run_model(run_path)
+from views.explain import loaded_model, overlay_for_upload, overlay_controls
 
 
 def predict(run_path: str, uploads: list, top_k: int) -> list:
     from engine.predict import predict_images
 
-    model_file = Path(run_path) / runfiles.MODEL_FILE
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for number, upload in enumerate(uploads):
             path = Path(folder) / f"{number}_{Path(upload.name).name}"
             path.write_bytes(upload.getvalue())
             paths.append(str(path))
-        results = predict_images(run_path, paths, top_k, loaded=loaded_model(run_path, model_file.stat().st_mtime))
+        results = predict_images(run_path, paths, top_k, loaded=loaded_model(run_path))
         for result, upload in zip(results, uploads):
             result["name"] = upload.name
             result["bytes"] = upload.getvalue()
@@ -51,20 +44,33 @@ if st.toggle("Use the camera"):
     if photo is not None:
         uploads.append(photo)
 top_k = st.slider("Classes to show", 1, 10, 3)
+opacity = overlay_controls("predict_overlay")
 if not uploads:
     st.caption("Upload one or more images to see what the model thinks.")
     st.stop()
 for number, result in enumerate(predict(run.path, uploads, top_k)):
     left, right = st.columns([1, 2])
-    left.image(result["bytes"], caption=result["name"], width=240)
+    picture = result["bytes"]
+    if opacity is not None and "error" not in result:
+        # Explain the class the model answered (its most probable one when it is not sure).
+        explained = result["verdict"] if result.get("sure") else result["top"][0]["class"]
+        overlay = overlay_for_upload(str(run.path), result["bytes"], result["name"], explained, opacity)
+        picture = picture if overlay is None else overlay
+    left.image(picture, caption=result["name"], width=240)
     with right:
         if "error" in result:
             st.error(f"{result['name']}: {result['error']}")
             continue
         best = result["top"][0]
-        st.markdown(f"### {escape_markdown(best['class'])} — {best['probability']:.0%}")
+        if result.get("sure", True):
+            answer = result.get("verdict", best["class"])
+            shown = result.get("probabilities", {}).get(answer, best["probability"])
+            st.markdown(f"### {escape_markdown(answer)} — {shown:.0%}")
+        else:
+            st.markdown(f"### Not sure — maybe {escape_markdown(best['class'])} ({best['probability']:.0%})")
+            st.caption("The model is less sure than the minimum its owner set on the Evaluate page.")
         figure = px.bar(x=[entry["probability"] for entry in result["top"]][::-1],
                         y=[entry["class"] for entry in result["top"]][::-1], orientation="h",
-                        labels={"x": "probability", "y": ""}, range_x=[0, 1])
+                        labels={"x": "probability (calibrated)", "y": ""}, range_x=[0, 1])
         figure.update_layout(height=60 + 40 * len(result["top"]), margin=dict(t=10, b=10), xaxis_tickformat=".0%")
         st.plotly_chart(figure, key=f"bars_{number}")

@@ -180,15 +180,18 @@ def test_new_user_trains_watches_explores_and_predicts(app_server, page):
     go(page, "Evaluate")
     true, predicted, row, column, size = pick_cell_to_click(runs_dir)
     page.set_viewport_size({"width": 1280, "height": 1600})  # the whole matrix on screen
-    chart = page.locator("[data-testid='stPlotlyChart']").first
+    # The confusion matrix by its key (Streamlit gives keyed elements the class st-key-<key>): the
+    # calibration and precision-recall charts come before it.
+    chart = page.locator(".st-key-confusion [data-testid='stPlotlyChart']").first
     chart.wait_for(timeout=30000)
+    chart.scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     area = chart.locator(".nsewdrag").first.bounding_box()
     centre = (area["x"] + area["width"] * (column + 0.5) / size, area["y"] + area["height"] * (row + 0.5) / size)
     page.mouse.move(*centre)  # Plotly reports a click on the point it is hovering
     page.wait_for_timeout(500)
     page.mouse.click(*centre)
-    page.get_by_text(f"True {true}, predicted {predicted}").wait_for(timeout=30000)
+    page.get_by_text(f"True {true}, answered {predicted}").wait_for(timeout=30000)
     # The grid redraws after the click: wait for the clicked cell's images, not the old ones.
     captions = page.locator("[data-testid='stImageCaption']", has_text=f"{true} → {predicted}")
     captions.first.wait_for(timeout=30000)

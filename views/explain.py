@@ -67,3 +67,38 @@ def overlay_controls(key: str) -> float | None:
     if not show:
         return None
     return right.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"{key}_opacity")
+
+
+@st.cache_data(max_entries=64, show_spinner="Finding where the model looked…")
+def _heatmap_for_bytes(run_path: str, modified: float, image_bytes: bytes, suffix: str, class_name: str):
+    """The Grad-CAM map of an uploaded picture for `class_name`, or None when the picture cannot be read."""
+    import tempfile
+
+    from engine.gradcam import class_activation_maps
+    from engine.images import load_rgb
+
+    model, classes, image_size = _loaded_model(run_path, modified)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"picture{suffix}"
+        path.write_bytes(image_bytes)
+        try:
+            image = load_rgb(str(path), image_size)
+        except Exception:  # noqa: BLE001 - the prediction already said why the file is unusable
+            return None
+    return class_activation_maps(model, image[None], [classes.index(class_name)])[0]
+
+
+def overlay_for_upload(run_path: str, image_bytes: bytes, name: str, class_name: str, opacity: float,
+                       size: int = 384):
+    """An uploaded picture (at most `size` pixels a side) with the map for `class_name` over it; None if unreadable."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    modified = (Path(run_path) / runfiles.MODEL_FILE).stat().st_mtime
+    heatmap = _heatmap_for_bytes(run_path, modified, image_bytes, Path(name).suffix or ".png", class_name)
+    if heatmap is None:
+        return None
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(image_bytes))).convert("RGB")
+    shown.thumbnail((size, size))
+    return overlaid(np.asarray(shown), heatmap, opacity)
