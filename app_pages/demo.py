@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import streamlit as st
+from PIL import ImageOps
 
 from engine import runfiles
 from engine.feedback import list_feedback, record_feedback, resolve_feedback
@@ -13,7 +14,9 @@ from engine.share import demo_examples, demo_link, only_this_computer, qr_png
 from signin import escape_markdown, page_user
 from ui import runs_having, thumbnail
 
-BAR_COLOUR = "#ff4b4b"
+# The best guess in the accent colour, the others quieter, so the answer stands out from the back of a room.
+BEST_BAR_COLOUR = "#ff4b4b"
+OTHER_BAR_COLOUR = "#8d99ae"
 
 
 @st.cache_resource(max_entries=3, show_spinner="Getting the model ready…")
@@ -115,7 +118,8 @@ def gallery(run) -> None:
     columns = st.columns(4)
     for number, example in enumerate(examples):
         with columns[number % 4]:
-            st.image(thumbnail(example["path"], 200), width="stretch")
+            # Square tiles, so a gallery of photos of every shape lines up in even rows.
+            st.image(ImageOps.fit(thumbnail(example["path"], 320), (200, 200)), width="stretch")
             st.button("Try this one", key=f"example_{number}", on_click=use_example,
                       args=(example["path"], example["true"]), width="stretch")
 
@@ -123,7 +127,8 @@ def gallery(run) -> None:
 def bars(top: list) -> str:
     """The top classes as large horizontal bars, as HTML (class names escaped)."""
     rows = []
-    for entry in top:
+    for position, entry in enumerate(top):
+        colour = BEST_BAR_COLOUR if position == 0 else OTHER_BAR_COLOUR
         share = entry["probability"] * 100
         shown = "less than 1%" if share < 1 else f"{share:.0f}%"
         rows.append(
@@ -131,7 +136,7 @@ def bars(top: list) -> str:
             f'<div style="display:flex;justify-content:space-between;font-size:1.7rem;line-height:2.2rem">'
             f'<span>{html.escape(entry["class"])}</span><b>{shown}</b></div>'
             f'<div style="background:rgba(128,128,128,0.18);border-radius:10px;height:32px">'
-            f'<div style="background:{BAR_COLOUR};width:{share:.1f}%;height:32px;border-radius:10px"></div></div></div>')
+            f'<div style="background:{colour};width:{share:.1f}%;height:32px;border-radius:10px"></div></div></div>')
     return "".join(rows)
 
 
