@@ -184,15 +184,17 @@ def trained_runs(tmp_path_factory):
 
 
 @pytest.fixture
-def demo_runs(trained_runs, tmp_path, monkeypatch):
-    """Fresh copies of the trained runs for one test (feedback written by one test is not seen by another)."""
-    root = tmp_path / "runs"
-    copies = []
-    for run_dir in trained_runs:
-        shutil.copytree(run_dir, root / run_dir.name)
-        copies.append(root / run_dir.name)
-    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(root))
-    return copies
+def demo_runs(trained_runs, monkeypatch):
+    """The trained runs, with no feedback before or after the test (the model stays loaded between tests)."""
+    def clear_feedback():
+        for run_dir in trained_runs:
+            (run_dir / "feedback.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "feedback", ignore_errors=True)
+
+    clear_feedback()
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(trained_runs[0].parent))
+    yield trained_runs
+    clear_feedback()
 
 
 def open_demo(query_run: str | None = None, secrets: dict | None = None, user: dict | None = None):
