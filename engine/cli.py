@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--runs-dir")
     predict.add_argument("images", nargs="+", help="image files")
 
+    explain = commands.add_parser("explain", help="write Grad-CAM overlays: where the model looked in each image")
+    explain.add_argument("--run", required=True, help="run folder or run id")
+    explain.add_argument("--runs-dir")
+    explain.add_argument("--out", required=True, help="folder for the overlay PNGs (created if missing)")
+    explain.add_argument("--opacity", type=float, default=0.45, help="0 shows only the image, 1 only the heatmap")
+    explain.add_argument("images", nargs="+", help="image files")
+
     card = commands.add_parser("card", help="write a run's model card (HTML, Markdown, JSON) into its folder")
     card.add_argument("--run", required=True, help="run folder or run id")
     card.add_argument("--runs-dir")
@@ -207,6 +214,22 @@ def command_predict(arguments) -> int:
     if missing:
         raise CommandError(f"Image file {missing[0]!r} does not exist.")
     print(json.dumps(predict_images(run_dir, arguments.images, arguments.top_k), indent=2))
+    return 0
+
+
+def command_explain(arguments) -> int:
+    from engine.gradcam import explain_images
+    from engine.runs import resolve_run
+
+    run_dir = resolve_run(arguments.run, arguments.runs_dir)
+    if not 0.0 <= arguments.opacity <= 1.0:
+        raise CommandError(f"`--opacity` must be from 0 to 1; received {arguments.opacity}.")
+    missing = [path for path in arguments.images if not os.path.isfile(path)]
+    if missing:
+        raise CommandError(f"Image file {missing[0]!r} does not exist.")
+    results = explain_images(run_dir, arguments.images, arguments.out, opacity=arguments.opacity)
+    print(json.dumps(results, indent=2))
+    # Like predict: an unusable file gets an "error" entry and does not stop the others.
     return 0
 
 
@@ -452,6 +475,7 @@ COMMANDS = {
     "backbones": command_backbones,
     "check": command_check,
     "card": command_card,
+    "explain": command_explain,
     "operating-point": command_operating_point,
 }
 

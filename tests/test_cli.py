@@ -36,6 +36,22 @@ def test_train_runs_evaluate_predict_chain(tiny_dataset, tmp_path):
     assert predicted.returncode == 0, predicted.stderr
     result = json.loads(predicted.stdout)[0]
     assert [entry["class"] for entry in result["top"]] in (["cats", "dogs"], ["dogs", "cats"])
+    assert result["verdict"] == result["top"][0]["class"] and result["sure"] is True
+
+    # Grad-CAM overlays, a broken file reported beside the others.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    explained = run_cli("explain", "--run", run_dir.name, "--runs-dir", runs_dir, "--out", tmp_path / "cams",
+                        image, broken)
+    assert explained.returncode == 0, explained.stderr
+    good, bad = json.loads(explained.stdout)
+    assert Path(good["overlay"]).is_file() and Path(good["overlay"]).parent == tmp_path / "cams"
+    assert good["class"] == result["top"][0]["class"] and "error" in bad
+
+    card = run_cli("card", "--run", run_dir.name, "--runs-dir", runs_dir)
+    assert card.returncode == 0, card.stderr
+    assert sorted(Path(line).name for line in card.stdout.split()) == ["model_card.html", "model_card.json",
+                                                                      "model_card.md"]
 
 
 def _error_line(capsys):

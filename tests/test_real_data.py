@@ -12,6 +12,30 @@ from tests.conftest import RUN_FILES, run_cli
 pytestmark = [pytest.mark.real_data, pytest.mark.training]
 
 
+def check_calibration(run_dir: Path, name: str) -> None:
+    """Temperature scaling does not make calibration worse: on the validation images it was fitted on, and on
+    the half of them it never saw when fitted on the other half (cats_vs_dogs and beans have no test split)."""
+    import numpy as np
+
+    from engine.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    from engine.interpret import load_predictions, split_probabilities
+
+    calibration = runfiles.read_json(run_dir / "evaluation.json")["calibration"]
+    errors = calibration["expected_calibration_error"]
+    calibrated, truth, _ = split_probabilities(load_predictions(run_dir), "validation")
+    raw = apply_temperature(calibrated, 1 / calibration["temperature"])  # predictions.csv holds calibrated values
+    assert expected_calibration_error(raw, truth) == pytest.approx(errors["uncalibrated"], abs=2e-3)
+    fit, held_out = np.arange(len(truth)) % 2 == 0, np.arange(len(truth)) % 2 == 1
+    half_temperature = fit_temperature(raw[fit], truth[fit])
+    before = expected_calibration_error(raw[held_out], truth[held_out])
+    after = expected_calibration_error(apply_temperature(raw[held_out], half_temperature), truth[held_out])
+    print(f"{name}: T={calibration['temperature']:.3f}, validation ECE {errors['uncalibrated']:.4f} → "
+          f"{errors['calibrated']:.4f}; fitted on even rows (T={half_temperature:.3f}), odd rows ECE "
+          f"{before:.4f} → {after:.4f}")
+    assert errors["calibrated"] <= errors["uncalibrated"]
+    assert after <= before
+
+
 def test_cats_vs_dogs_mobilenet_reaches_094_and_evaluates_on_another_folder(shared_dir, keras_home_with_mobilenet,
                                                                             tmp_path):
     data = shared_dir / "data" / "cats_vs_dogs"
@@ -27,6 +51,7 @@ def test_cats_vs_dogs_mobilenet_reaches_094_and_evaluates_on_another_folder(shar
     print(f"cats_vs_dogs validation accuracy: {accuracy:.4f}")
     assert accuracy >= 0.94
     assert evaluation["splits"]["validation"]["num_images"] == 1000
+    check_calibration(run_dir, "cats_vs_dogs, MobileNet α=0.25")
 
     evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -60,6 +85,7 @@ def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mo
     assert len(validation["confusion_matrix"]) == 3 and validation["num_images"] == 128
     # Chance is 1/3; real ImageNet features do far better.
     assert validation["accuracy"] >= 0.7
+    check_calibration(run_dir, "beans, MobileNet α=0.25")
 
     evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -105,6 +131,7 @@ def test_efficientnet_lite0_frozen_base_new_head_reaches_097_on_cats_vs_dogs(sha
     accuracy = runfiles.read_json(run_dir / "evaluation.json")["splits"]["validation"]["accuracy"]
     print(f"EfficientNet-Lite0 cats_vs_dogs validation accuracy: {accuracy:.4f}")
     assert accuracy >= 0.97
+    check_calibration(run_dir, "cats_vs_dogs, EfficientNet-Lite0")
 
 
 def test_stop_while_computing_features_ends_stopped_and_keeps_the_run_folder(shared_dir, runs_dir):
