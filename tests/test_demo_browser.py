@@ -2,8 +2,9 @@
 
 Trains a tiny three-colour run, serves the dashboard on a free local port, opens the share
 link (`/demo?run=<id>`), classifies an example picture, sees the bars and the answer, turns on
-"Show where the model looked", and finds the share link and its QR code. Screenshots go to
-the test's temporary folder (`demo-1-answer.png`, `demo-2-overlay.png`).
+"Show where the model looked", finds the share link and its QR code, and takes a photo with
+Chromium's synthetic camera. Screenshots go to
+the test's temporary folder (`demo-1-answer.png`, `demo-2-overlay.png`, `demo-3-camera.png`).
 """
 
 import os
@@ -36,17 +37,12 @@ def demo_server(tmp_path):
 
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
-    data = make_dataset(tmp_path / "colours", classes=("birds", "cats", "dogs"), per_class=8, size=(64, 48))
-    # 96 px, so the last feature map has more than one cell for Grad-CAM to tell apart; the head
-    # trains on cached features, so more epochs cost little and the bars tell the colours apart.
-    config = tiny_config(data, name="Colour guesser", **{"data.cache": "memory", "model.image_size": 96,
-                                                          "training.epochs": 25})
-    run_dir = engine.train_run(config, tmp_path / "runs")
-    assert engine.read_status(run_dir).state is engine.State.FINISHED
+    runs = tmp_path / "runs"
     port = free_port()
-    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(tmp_path / "runs"),
-                   "TRANSFER_STUDIO_DATA": str(tmp_path / "appdata"), "TRANSFER_STUDIO_OFFLINE": "1"}
+    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(runs), "TRANSFER_STUDIO_DATA": str(tmp_path / "appdata"),
+                   "TRANSFER_STUDIO_OFFLINE": "1"}
     log = open(tmp_path / "streamlit.log", "w")
+    # The server starts while the run trains: it reads the runs folder only when a page is opened.
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
          "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
@@ -54,6 +50,12 @@ def demo_server(tmp_path):
         cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        data = make_dataset(tmp_path / "colours", classes=("birds", "cats", "dogs"), per_class=8, size=(64, 48))
+        # 96 px, so the last feature map has more than one cell for Grad-CAM to tell apart.
+        config = tiny_config(data, name="Colour guesser", **{"data.cache": "memory", "model.image_size": 96,
+                                                              "training.epochs": 10})
+        run_dir = engine.train_run(config, runs)
+        assert engine.read_status(run_dir).state is engine.State.FINISHED
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -84,8 +86,10 @@ def page():
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
-        context = browser.new_context(viewport={"width": 1366, "height": 900})
+                  "--disable-sync", "--no-first-run", "--disable-quic",
+                  # A synthetic camera (Chromium's test pattern), allowed without asking.
+                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        context = browser.new_context(viewport={"width": 1366, "height": 900}, permissions=["camera"])
         yield context.new_page()
         browser.close()
 
@@ -98,7 +102,7 @@ def screenshot(page, path) -> None:
     # The main area scrolls inside the page, so a full-page shot needs a viewport that tall.
     height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 900")
     page.set_viewport_size({"width": 1366, "height": max(900, min(int(height) + 100, 4000))})
-    page.wait_for_timeout(1000)
+    page.wait_for_timeout(600)  # images and bars lay themselves out again for the new size
     page.screenshot(path=str(path), full_page=True)
     page.set_viewport_size({"width": 1366, "height": 900})
 
@@ -135,5 +139,12 @@ def test_demo_mode_classifies_an_example_and_shows_where_the_model_looked(demo_s
     expect(page.get_by_text("Share this demo")).to_be_visible()
     expect(page.locator("[data-testid='stCode']")).to_contain_text(f"/demo?run={run_dir.name}")
     expect(page.get_by_text("Scan to open this demo")).to_be_visible()
-    for name in ("demo-1-answer.png", "demo-2-overlay.png"):
+
+    # The camera tile: a photo taken replaces the example as the picture the model answers for.
+    page.get_by_role("button", name="Take Photo").click()
+    expect(page.get_by_text("This example comes from")).to_have_count(0, timeout=60000)
+    expect(answer).to_be_visible(timeout=60000)
+    expect(bars).to_have_count(3, timeout=30000)
+    screenshot(page, tmp_path / "demo-3-camera.png")
+    for name in ("demo-1-answer.png", "demo-2-overlay.png", "demo-3-camera.png"):
         assert (tmp_path / name).stat().st_size > 10_000
