@@ -68,11 +68,16 @@ def where_it_looked(run_path: str, modified: float, image_bytes: bytes, suffix: 
     return gradcam.overlay(np.asarray(shown), heatmap)
 
 
+def _plain_name(run) -> str:
+    return run.name or (f"{Path(run.dataset).name} model" if run.dataset else run.run_id)
+
+
 def model_name(run, runs) -> str:
-    """A run as an audience would name it: its human name (with the date when two share a name)."""
-    name = run.name or (f"{Path(run.dataset).name} model" if run.dataset else run.run_id)
-    same = [other for other in runs if (other.name or "") == (run.name or "") and run.name]
-    return f"{name} ({(run.created or run.run_id)[:10]})" if len(same) > 1 else name
+    """A run as an audience would name it: its human name, with when it was made if another has that name."""
+    name = _plain_name(run)
+    if sum(_plain_name(other) == name for other in runs) > 1:
+        return f"{name} ({(run.created or '')[:16].replace('T', ' ') or run.run_id})"
+    return name
 
 
 def choose_run(runs):
@@ -85,6 +90,10 @@ def choose_run(runs):
     chosen = st.selectbox("Model", ids, index=ids.index(wanted) if wanted in ids else 0, key="demo_run",
                           format_func=lambda run_id: model_name(runs[ids.index(run_id)], runs))
     st.query_params["run"] = chosen
+    if st.session_state.get("demo_shown_run") not in (None, chosen):
+        # Another model's examples belong to that model's classes: start the new one afresh.
+        st.session_state.pop("demo_picture", None)
+    st.session_state["demo_shown_run"] = chosen
     return runs[ids.index(chosen)]
 
 

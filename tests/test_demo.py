@@ -246,7 +246,11 @@ def test_the_page_lists_models_by_name_and_the_address_chooses_one(demo_runs):
     app = open_demo(query_run=second.name)
     assert app.selectbox(key="demo_run").value == second.name
     assert app.selectbox(key="demo_run").format_func(second.name) == "Second model"
+    app.button(key="example_0").click().run()
+    assert headline(app)
     app.selectbox(key="demo_run").set_value(first.name).run()
+    # Another model starts afresh: the other model's example is not answered for it.
+    assert not [markdown for markdown in app.markdown if markdown.value.startswith("## ")]
     assert app.query_params["run"] == [first.name] or app.query_params["run"] == first.name
     assert any(demo_link("http://x", first.name).split("?")[1] in code.value for code in app.code)
     unknown = open_demo(query_run="no-such-run")
