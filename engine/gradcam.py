@@ -28,16 +28,20 @@ gradients, not the normalised map, so the maps are the same with or without it.
 A map with no positive evidence (all gradients zero, or a 1×1 feature map that cannot
 localise anything) comes back as all zeros, never NaN; `is_blank` tells it apart.
 
-Why by hand. Keras 3 has no Grad-CAM API (the keras-io example "Grad-CAM class activation
-visualization" writes it out the same way, with a GradientTape over a sub-model), and
-tf-keras-vis, the usual package, is built on tf.keras / Keras 2 (`tf-keras`), which this
-project does not install next to Keras 3. The computation is a few lines.
+Why by hand. Keras 3 has no Grad-CAM API. The keras-io example ("Grad-CAM class activation
+visualization") builds `keras.Model(model.inputs, [inner_layer.output, model.output])`, which
+Keras 3 refuses for a layer inside a nested base ("Output ... is not connected to `inputs`").
+tf-keras-vis (0.8.8, March 2025) does import Keras 3 on TensorFlow ≥ 2.16, but its README lists
+under known issues that Gradcam "with cascading model" (a model nested in a model, as every
+run's is) may fail, and it would add a dependency (SciPy, imageio, deprecated) for about
+a few dozen lines of arithmetic.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -71,6 +75,7 @@ _INFERNO_STOPS = np.array([
 class _ModelParts:
     """The pieces of a run's model that Grad-CAM calls one after another."""
 
+    model: object
     preprocess: object
     base: object
     head: tuple
@@ -91,7 +96,7 @@ def _model_parts(model) -> _ModelParts:
     head = tuple([names[POOL_LAYER_NAME]] + [names[name] for name in HEAD_LAYER_NAMES if name in names])
     output = outputs[0]
     units = int(output.kernel.shape[-1])
-    return _ModelParts(names[PREPROCESS_LAYER_NAME], names[BASE_LAYER_NAME], head, output,
+    return _ModelParts(model, names[PREPROCESS_LAYER_NAME], names[BASE_LAYER_NAME], head, output,
                        2 if units == 1 else units)
 
 
@@ -112,32 +117,68 @@ def _class_scores(parts: _ModelParts, features, class_indices):
     return tf.gather(logits, class_indices, axis=1, batch_dims=1), logits
 
 
-def _maps_for_batch(parts: _ModelParts, images: np.ndarray, class_indices: Optional[np.ndarray]):
+def _maps_for_batch(parts: _ModelParts, images: np.ndarray, class_indices: Optional[np.ndarray], compiled: bool):
     """Grad-CAM maps at the feature map's resolution, and the class each one explains."""
+    import tensorflow as tf
+
+    explain_predicted = class_indices is None
+    if explain_predicted:
+        class_indices = np.zeros(len(images), dtype=np.int32)
+    images = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
+    class_indices = tf.convert_to_tensor(np.asarray(class_indices, dtype=np.int32))
+    if compiled:
+        maps, chosen = _compiled_grad_cam(parts, explain_predicted)(images, class_indices)
+    else:
+        maps, chosen = _grad_cam(parts, images, class_indices, explain_predicted)
+    return maps.numpy().astype(np.float32), chosen.numpy()
+
+
+# One traced function per model and mode, kept as long as the model lives. Tracing costs
+# seconds on a large backbone, so it pays only when one loaded model explains many batches.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_grad_cam(parts: _ModelParts, explain_predicted: bool):
+    import tensorflow as tf
+
+    per_model = _COMPILED.setdefault(parts.model, {})
+    if explain_predicted not in per_model:
+        height, width = parts.model.input_shape[1:3]
+        signature = [tf.TensorSpec((None, height, width, 3), tf.float32), tf.TensorSpec((None,), tf.int32)]
+        # The function reaches the model only through a weak reference: a strong one in the
+        # cached value would keep its own key, the model, alive for ever.
+        model_reference = weakref.ref(parts.model)
+
+        def grad_cam(images, classes):
+            return _grad_cam(_model_parts(model_reference()), images, classes, explain_predicted)
+
+        per_model[explain_predicted] = tf.function(grad_cam, input_signature=signature)
+    return per_model[explain_predicted]
+
+
+def _grad_cam(parts: _ModelParts, images, class_indices, explain_predicted: bool):
+    """The Grad-CAM computation on tensors, run eagerly or traced by `_compiled_grad_cam`."""
     import tensorflow as tf
 
     # Nothing before the feature map needs a gradient; only the map itself is watched.
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-        preprocessed = parts.preprocess(tf.convert_to_tensor(images, dtype=tf.float32))
-        features = parts.base(preprocessed, training=False)
+        features = parts.base(parts.preprocess(images), training=False)
         tape.watch(features)
-        if class_indices is None:
+        if explain_predicted:
             # The predicted class: the largest logit (softmax), or the sign of the single logit.
-            _, logits = _class_scores(parts, features, tf.zeros(len(images), dtype=tf.int32))
+            _, logits = _class_scores(parts, features, class_indices)
             if parts.num_classes == 2:
-                chosen = tf.cast(logits[:, 0] > 0, tf.int32)
+                class_indices = tf.cast(logits[:, 0] > 0, tf.int32)
             else:
-                chosen = tf.argmax(logits, axis=1, output_type=tf.int32)
-        else:
-            chosen = tf.convert_to_tensor(class_indices, dtype=tf.int32)
-        scores, _ = _class_scores(parts, features, chosen)
+                class_indices = tf.argmax(logits, axis=1, output_type=tf.int32)
+        scores, _ = _class_scores(parts, features, class_indices)
     gradients = tape.gradient(scores, features)
     if gradients is None:
         gradients = tf.zeros_like(features)
     # Each channel's weight: its gradient averaged over the map's positions (the paper's alpha_k^c).
     channel_weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    maps = tf.nn.relu(tf.reduce_sum(channel_weights * features, axis=-1))
-    return maps.numpy().astype(np.float32), chosen.numpy()
+    maps = tf.nn.relu(tf.reduce_sum(channel_weights * tf.cast(features, channel_weights.dtype), axis=-1))
+    return maps, class_indices
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:
@@ -152,7 +193,7 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
 
 
 def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Sequence[int]] = None,
-                          batch_size: int = 32) -> np.ndarray:
+                          batch_size: int = 32, compiled: bool = False) -> np.ndarray:
     """Grad-CAM heatmaps of a run's model over a batch of images.
 
     Args:
@@ -161,6 +202,9 @@ def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Seq
         class_indices: The class to explain for each image (N integers in output order);
             None explains each image's predicted class.
         batch_size: Images per pass, to bound memory on large backbones.
+        compiled: Trace the computation with `tf.function`, once per model (seconds on a large
+            backbone), and run the traced graph: worth it when one loaded model (a page's
+            cached model) explains batch after batch; eager is faster for a single call.
 
     Returns:
         (N, H, W) float32 maps in [0, 1], each scaled so its peak is 1; an all-zero map
@@ -170,11 +214,11 @@ def class_activation_maps(model, images: np.ndarray, class_indices: Optional[Seq
         ValueError: the images have the wrong shape, a class index is out of range, or the
             model lacks the layers a Transfer Studio model has.
     """
-    return maps_and_classes(model, images, class_indices, batch_size)[0]
+    return maps_and_classes(model, images, class_indices, batch_size, compiled)[0]
 
 
 def maps_and_classes(model, images: np.ndarray, class_indices: Optional[Sequence[int]] = None,
-                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 32, compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`class_activation_maps`, and the class index each map explains (the predicted one by default).
 
     One pass gives both, so a caller explaining the predicted class needs no separate prediction.
@@ -204,7 +248,7 @@ def maps_and_classes(model, images: np.ndarray, class_indices: Optional[Sequence
     for start in range(0, len(images), max(1, batch_size)):
         chunk = images[start:start + batch_size]
         chunk_classes = None if class_indices is None else class_indices[start:start + batch_size]
-        small, chosen = _maps_for_batch(parts, chunk, chunk_classes)
+        small, chosen = _maps_for_batch(parts, chunk, chunk_classes, compiled)
         # Normalise before and after the resize: the first decides which maps are blank on the
         # coarse map itself, the second restores a peak of exactly 1 after interpolation.
         small = _normalise(small)

@@ -235,3 +235,15 @@ def test_cats_vs_dogs_maps_fall_more_inside_the_centre_than_a_uniform_map(shared
           f"median central share {np.nanmedian(shares):.3f}, blank maps {int(np.isnan(shares).sum())}; "
           f"train {trained_at - started:.1f} s, explain {time.perf_counter() - trained_at:.1f} s")
     assert above > 0.5
+
+
+def test_compiled_maps_equal_eager_maps():
+    model = random_model("MobileNet", 3, 64)
+    images = noise_images(5, 64, seed=7)
+    eager_maps, eager_classes = maps_and_classes(model, images, batch_size=2)
+    compiled_maps, compiled_classes = maps_and_classes(model, images, batch_size=2, compiled=True)
+    assert compiled_classes.tolist() == eager_classes.tolist()
+    np.testing.assert_allclose(compiled_maps, eager_maps, atol=1e-5)
+    chosen = [2, 1, 0, 2, 1]
+    np.testing.assert_allclose(class_activation_maps(model, images, chosen, compiled=True),
+                               class_activation_maps(model, images, chosen), atol=1e-5)
