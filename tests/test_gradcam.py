@@ -215,7 +215,11 @@ def test_explain_images_writes_overlays_and_reports_a_bad_file(tmp_path):
 def test_cats_vs_dogs_maps_fall_more_inside_the_centre_than_a_uniform_map(shared_dir, keras_home_with_mobilenet,
                                                                          tmp_path):
     """The issue's measure: on most validation images, more than a quarter of the map's mass lies
-    in the central box covering half of each side (a uniform map's share)."""
+    in the central box covering half of each side (a uniform map's share). The maps of the class
+    not predicted (the evidence against) are less central than those of the predicted class."""
+    from engine.images import load_rgb
+    from engine.predict import load_run_model
+
     started = time.perf_counter()
     data = shared_dir / "data" / "cats_vs_dogs"
     trained = run_cli("train", "--data", data, "--backbone", "MobileNet", "--alpha", "0.25",
@@ -223,27 +227,27 @@ def test_cats_vs_dogs_maps_fall_more_inside_the_centre_than_a_uniform_map(shared
                       env={"KERAS_HOME": str(keras_home_with_mobilenet)})
     assert trained.returncode == 0, trained.stderr[-3000:]
     trained_at = time.perf_counter()
+    run_dir = Path(trained.stdout.strip())
+    loaded = load_run_model(run_dir)
     # A fixed sample: every 5th validation file in sorted order, 200 images.
     paths = sorted(str(path) for path in (data / "validation").glob("*/*.jpg"))[::5]
     assert len(paths) == 200
-    results = explain_images(Path(trained.stdout.strip()), paths, tmp_path / "overlays")
+    results = explain_images(run_dir, paths, tmp_path / "overlays", loaded=loaded)
     assert not [result for result in results if "error" in result]
+    assert all(Path(result["overlay"]).is_file() for result in results)
     shares = np.array([np.nan if result["central_share"] is None else result["central_share"]
                        for result in results])
     above = float(np.mean(shares > 0.25))
-    print(f"cats_vs_dogs Grad-CAM: central share > 0.25 on {above:.1%} of {len(paths)} validation images, "
-          f"median central share {np.nanmedian(shares):.3f}, blank maps {int(np.isnan(shares).sum())}; "
-          f"train {trained_at - started:.1f} s, explain {time.perf_counter() - trained_at:.1f} s")
+    explained_at = time.perf_counter()
+
+    model, class_names, image_size = loaded
+    other = [1 - class_names.index(result["class"]) for result in results]
+    other_maps = class_activation_maps(model, np.stack([load_rgb(path, image_size) for path in paths]), other)
+    other_shares = np.array([central_share(heatmap) for heatmap in other_maps])
+    print(f"cats_vs_dogs Grad-CAM, {len(paths)} validation images: central share > 0.25 on {above:.1%}, "
+          f"median {np.nanmedian(shares):.3f}, blank maps {int(np.isnan(shares).sum())}; the class not "
+          f"predicted: > 0.25 on {np.mean(other_shares > 0.25):.1%}, median {np.nanmedian(other_shares):.3f}; "
+          f"train {trained_at - started:.1f} s, explain {explained_at - trained_at:.1f} s, "
+          f"other class {time.perf_counter() - explained_at:.1f} s")
     assert above > 0.5
-
-
-def test_compiled_maps_equal_eager_maps():
-    model = random_model("MobileNet", 3, 64)
-    images = noise_images(5, 64, seed=7)
-    eager_maps, eager_classes = maps_and_classes(model, images, batch_size=2)
-    compiled_maps, compiled_classes = maps_and_classes(model, images, batch_size=2, compiled=True)
-    assert compiled_classes.tolist() == eager_classes.tolist()
-    np.testing.assert_allclose(compiled_maps, eager_maps, atol=1e-5)
-    chosen = [2, 1, 0, 2, 1]
-    np.testing.assert_allclose(class_activation_maps(model, images, chosen, compiled=True),
-                               class_activation_maps(model, images, chosen), atol=1e-5)
+    assert np.nanmedian(shares) > np.nanmedian(other_shares)
