@@ -13,18 +13,19 @@ from engine.feedback import list_feedback, record_feedback, resolve_feedback
 from engine.share import demo_examples, demo_link, only_this_computer, qr_png
 from signin import escape_markdown, page_user
 from ui import runs_having, thumbnail
+from views.explain import loaded_model as shared_loaded_model
 
 # The best guess in the accent colour, the others quieter, so the answer stands out from the back of a room.
-BEST_BAR_COLOUR = "#ff4b4b"
+BEST_BAR_COLOUR = "#1b6ec2"  # the theme's primary colour (.streamlit/config.toml); red would read as an error
 OTHER_BAR_COLOUR = "#8d99ae"
 
 
-@st.cache_resource(max_entries=3, show_spinner="Getting the model ready…")
 def loaded_model(run_path: str, modified: float):
-    """The run's model, loaded once per model file (read-only, shared by every visitor)."""
-    from engine.predict import load_run_model
+    """The run's model from the cache Predict and Evaluate share (one loaded copy per model file).
 
-    return load_run_model(run_path)
+    `modified` only keys the cached answers below; the shared cache checks the file itself.
+    """
+    return shared_loaded_model(run_path)
 
 
 def _model_modified(run_path: str) -> float:
