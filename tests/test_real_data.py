@@ -12,9 +12,16 @@ from tests.conftest import RUN_FILES, run_cli
 pytestmark = [pytest.mark.real_data, pytest.mark.training]
 
 
-def check_calibration(run_dir: Path, name: str) -> None:
+def check_calibration(run_dir: Path, name: str, in_sample_ece: bool = True) -> None:
     """Temperature scaling does not make calibration worse: on the validation images it was fitted on, and on
-    the half of them it never saw when fitted on the other half (cats_vs_dogs and beans have no test split)."""
+    the half of them it never saw when fitted on the other half (cats_vs_dogs and beans have no test split).
+
+    Args:
+        in_sample_ece: Also require the validation ECE not to rise. Beans has 128 validation images in
+            15 bins and a fitted temperature of about 1.0: a few images crossing a bin edge move the ECE
+            by a point either way (measured 0.057 → 0.070 at T = 1.003), so there only the
+            negative log-likelihood (what the temperature minimises) and the held-out half are checked.
+    """
     import numpy as np
 
     from engine.calibration import apply_temperature, expected_calibration_error, fit_temperature
@@ -32,7 +39,10 @@ def check_calibration(run_dir: Path, name: str) -> None:
     print(f"{name}: T={calibration['temperature']:.3f}, validation ECE {errors['uncalibrated']:.4f} → "
           f"{errors['calibrated']:.4f}; fitted on even rows (T={half_temperature:.3f}), odd rows ECE "
           f"{before:.4f} → {after:.4f}")
-    assert errors["calibrated"] <= errors["uncalibrated"]
+    likelihood = calibration["negative_log_likelihood"]
+    assert likelihood["calibrated"] <= likelihood["uncalibrated"] + 1e-9
+    if in_sample_ece:
+        assert errors["calibrated"] <= errors["uncalibrated"]
     assert after <= before
 
 
@@ -85,7 +95,7 @@ def test_beans_three_classes_trains_and_evaluates(shared_dir, keras_home_with_mo
     assert len(validation["confusion_matrix"]) == 3 and validation["num_images"] == 128
     # Chance is 1/3; real ImageNet features do far better.
     assert validation["accuracy"] >= 0.7
-    check_calibration(run_dir, "beans, MobileNet α=0.25")
+    check_calibration(run_dir, "beans, MobileNet α=0.25", in_sample_ece=False)
 
     evaluated = run_cli("evaluate", "--run", run_dir, "--data", data / "validation")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
