@@ -9,8 +9,8 @@ backbones) that is stretched back to the image's size.
 
 Which layer. The feature map is the output of the run's nested backbone, the layer named
 "base": every backbone in the registry is built without its ImageNet top, so its output is
-its last convolutional block's map (for VGG16 that block ends in a max pool, `block5_pool`;
-still a spatial map of the last block's convolutions). The map is computed by taking the
+its last convolutional block's map (VGG16's ends in a max pool, `block5_pool`, ConvNeXt's in
+a LayerNormalization: both still spatial maps of the last block's convolutions). The map is computed by taking the
 saved model apart by layer names: the augmentation is skipped (inference only), then
 "preprocess", then "base" called with training=False, then the head ("pool", "dropout"
 with training=False, "hidden", the output Dense). All of this runs inside one
@@ -139,6 +139,7 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _compiled_grad_cam(parts: _ModelParts, explain_predicted: bool):
+    """`_grad_cam` traced once for this model and mode, batch size left open."""
     import tensorflow as tf
 
     per_model = _COMPILED.setdefault(parts.model, {})

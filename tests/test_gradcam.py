@@ -184,6 +184,17 @@ def test_central_share_of_uniform_centred_and_corner_maps():
     assert np.isnan(central_share(np.zeros((5, 5))))
 
 
+def test_compiled_maps_equal_eager_maps():
+    model = random_model("MobileNet", 3, 64)
+    images = noise_images(5, 64, seed=7)
+    eager_maps, eager_classes = maps_and_classes(model, images, batch_size=2)
+    compiled_maps, compiled_classes = maps_and_classes(model, images, batch_size=2, compiled=True)
+    assert compiled_classes.tolist() == eager_classes.tolist()
+    np.testing.assert_allclose(compiled_maps, eager_maps, atol=1e-5)
+    chosen = [2, 1, 0, 2, 1]
+    np.testing.assert_allclose(class_activation_maps(model, images, chosen, compiled=True),
+                               class_activation_maps(model, images, chosen), atol=1e-5)
+
 @pytest.mark.training
 def test_explain_images_writes_overlays_and_reports_a_bad_file(tmp_path):
     import engine
