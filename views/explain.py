@@ -24,7 +24,7 @@ def loaded_model(run_path: str):
 @st.cache_data(max_entries=64, show_spinner="Finding where the model looked…")
 def _heatmaps(run_path: str, modified: float, paths: tuple, class_names: tuple) -> list:
     """One Grad-CAM map per readable image (None for a file that cannot be read), explaining the given class."""
-    from engine.gradcam import class_activation_maps
+    from engine.gradcam import class_activation_maps, is_blank
     from engine.images import load_rgb
 
     model, classes, image_size = _loaded_model(run_path, modified)
@@ -39,10 +39,12 @@ def _heatmaps(run_path: str, modified: float, paths: tuple, class_names: tuple) 
     if images:
         indices = [classes.index(name) if name in classes else None for name in class_names]
         explained = [indices[position] for position in positions]
+        # compiled: the model is shared and explained batch after batch, so tracing once pays off.
         computed = class_activation_maps(model, np.stack(images),
-                                         None if any(index is None for index in explained) else explained)
+                                         None if any(index is None for index in explained) else explained,
+                                         compiled=True)
         for position, heatmap in zip(positions, computed):
-            maps[position] = heatmap
+            maps[position] = None if is_blank(heatmap) else heatmap
     return maps
 
 
@@ -74,7 +76,7 @@ def _heatmap_for_bytes(run_path: str, modified: float, image_bytes: bytes, suffi
     """The Grad-CAM map of an uploaded picture for `class_name`, or None when the picture cannot be read."""
     import tempfile
 
-    from engine.gradcam import class_activation_maps
+    from engine.gradcam import class_activation_maps, is_blank
     from engine.images import load_rgb
 
     model, classes, image_size = _loaded_model(run_path, modified)
@@ -85,12 +87,14 @@ def _heatmap_for_bytes(run_path: str, modified: float, image_bytes: bytes, suffi
             image = load_rgb(str(path), image_size)
         except Exception:  # noqa: BLE001 - the prediction already said why the file is unusable
             return None
-    return class_activation_maps(model, image[None], [classes.index(class_name)])[0]
+    heatmap = class_activation_maps(model, image[None], [classes.index(class_name)], compiled=True)[0]
+    return None if is_blank(heatmap) else heatmap  # no part counted more than another: nothing to draw
 
 
 def overlay_for_upload(run_path: str, image_bytes: bytes, name: str, class_name: str, opacity: float,
                        size: int = 384):
-    """An uploaded picture (at most `size` pixels a side) with the map for `class_name` over it; None if unreadable."""
+    """An uploaded picture (at most `size` pixels a side) with the map for `class_name` over it; None if
+    unreadable or when the model pointed at no part in particular."""
     import io
 
     from PIL import Image, ImageOps
