@@ -8,8 +8,10 @@ clusters, outliers far from their class and classes that overlap show at a glanc
 point carries its folder label and whether a model that never saw its label predicts
 another class (a "mistake": out-of-fold for the searched images, see `engine.label_issues`).
 
-UMAP was measured as an alternative (docs/label-issues.md): it installs cleanly but pulls
-numba and llvmlite (about 210 MB) and was not clearly faster on 2000 images, so t-SNE it is.
+UMAP was measured as an alternative (docs/label-issues.md): it installs cleanly and, once
+loaded and compiled, was up to about twice as fast on 2000 images on busy cores (about even on
+quiet ones), but it pulls numba and llvmlite (about 210 MB installed) and compiles on first use,
+so t-SNE it is.
 The map is cached next to the features, keyed by the features and the labels.
 """
 

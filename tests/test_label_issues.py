@@ -15,7 +15,9 @@ from engine.config import RunConfig
 from engine.data import scan_dataset
 from engine.label_decisions import record_decision, undo_decision
 from engine.users import Role, User
-from tests.conftest import make_dataset, open_folder_on_data_page, tiny_config
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import REPO_ROOT, make_dataset, tiny_config
 
 MEMBER = User(id="test|member", name="Mia Member", role=Role.MEMBER)
 VIEWER = User(id="test|viewer", name="Vic Viewer", role=Role.VIEWER)
@@ -191,12 +193,22 @@ def test_the_search_reuses_a_runs_features_and_the_next_run_follows_the_decision
 
 
 @pytest.mark.real_data
-def test_most_flipped_cats_vs_dogs_labels_are_among_the_top_issues(shared_dir, tmp_path, app_data):
+@pytest.mark.parametrize("backbone, share", [
+    ("EfficientNetLite0", 0.8),
+    # Weaker features: 45 of 60 measured (docs/label-issues.md); only in `make test-all`.
+    pytest.param("MobileNet", 0.7, marks=pytest.mark.slow),
+])
+def test_most_flipped_cats_vs_dogs_labels_are_among_the_top_issues(backbone, share, shared_dir, tmp_path, app_data,
+                                                                   request):
     """60 of the 2000 training images (30 per class, fixed seed) moved to the other class folder.
 
-    The default backbone (EfficientNet-Lite0, ImageNet weights shipped with the app) is the
-    one the Data page uses. MobileNet α=0.25 finds fewer (docs/label-issues.md).
+    EfficientNet-Lite0, the default backbone (ImageNet weights shipped with the app), is what the
+    Data page uses; MobileNet α=0.25 (real ImageNet weights) finds fewer.
     """
+    config = RunConfig()
+    if backbone == "MobileNet":
+        request.getfixturevalue("keras_home_with_mobilenet")
+        config = config.replace(**{"model.backbone": "MobileNet", "model.alpha": 0.25})
     copy = tmp_path / "train"
     shutil.copytree(shared_dir / "data" / "cats_vs_dogs" / "train", copy)
     rng = np.random.default_rng(13)
@@ -208,14 +220,14 @@ def test_most_flipped_cats_vs_dogs_labels_are_among_the_top_issues(shared_dir, t
             shutil.move(source, copy / other / source.name)
             flipped.add(str((copy / other / source.name).resolve()))
     began = time.time()
-    report = label_issues.find_label_issues_in_folder(copy, RunConfig())
+    report = label_issues.find_label_issues_in_folder(copy, config)
     seconds = time.time() - began
     top = {issue["path"] for issue in report["issues"][:len(flipped)]}
     found = len(top & flipped)
-    print(f"\n{found} of {len(flipped)} flipped labels among the top {len(flipped)} issues "
+    print(f"\n{backbone}: {found} of {len(flipped)} flipped labels among the top {len(flipped)} issues "
           f"({report['num_issues']} issues, out-of-fold accuracy {report['out_of_fold_accuracy']:.3f}, "
           f"{seconds:.1f} s: {report['timings']})")
-    assert found >= 0.8 * len(flipped)
+    assert found >= share * len(flipped)
     correct = [issue for issue in report["issues"] if issue["path"] in flipped]
     assert all(issue["suggested"] != issue["given"] for issue in correct)
 
@@ -229,8 +241,9 @@ FAST_FEATURES = {"field.model.backbone": "MobileNet", "field.model.alpha": 0.25,
 def test_data_page_gallery_leaves_out_and_undoes(app_environment):
     root = make_dataset(app_environment / "appdata" / "colours", classes=("birds", "cats", "dogs"), per_class=12)
     wrong = mislabel(root, "cats_3.png", "dogs")
-    app = open_folder_on_data_page(root)
-    assert not app.exception
+    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=120)
+    app.switch_page("app_pages/data.py")
+    app.session_state["dataset_path"] = str(root)  # the folder already chosen (choosing is tested in test_pages)
     for key, value in FAST_FEATURES.items():  # the Train form's backbone: fast random features
         app.session_state[key] = value
     app.session_state["label_issues"] = True  # open the section
