@@ -145,11 +145,14 @@ def folder_features(root: str | os.PathLike, backbone=None, progress: Optional[P
     config = feature_config(root, backbone)
     model = config.model
     began = time.time()
-    _, cache = scan_and_decode(root, model.resolved_image_size, cache="disk",
-                               progress=(lambda done, total: progress("Decoding images", done, total))
-                               if progress else None)
+    decoded_scan, cache = scan_and_decode(root, model.resolved_image_size, cache="disk",
+                                          progress=(lambda done, total: progress("Decoding images", done, total))
+                                          if progress else None)
     # The folders' own labels: decisions are shown beside the issues, not folded into the search.
     scan = scan_dataset(root, apply_decisions=False)
+    if scan.candidates != decoded_scan.candidates:
+        # The image cache's rows follow the first listing; another listing would pair images with wrong files.
+        raise DataError(f"The files in {scan.root} changed while they were being read; try again.")
     decoded = time.time()
     row_of = {path: row for row, path in enumerate(scan.candidates)}
     usable = [item for item in scan.files if row_of[item.path] not in cache.failed]
@@ -248,14 +251,24 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
 
 
 def held_out_probabilities(folder: FolderFeatures) -> tuple[np.ndarray, int]:
-    """Probabilities for every image from a model that never saw its label.
+    """Probabilities for every image from a model that never saw its label (cached with the features).
 
     The searched images (`training_rows`) get out-of-fold probabilities; the validation and
     test images of a pre-split folder get those of a model fitted on all the training images.
+    The label search and the data map share them, so the k-fold runs once per folder and labels.
 
     Returns:
         (N, classes) probabilities and the number of folds used.
     """
+    cached = load_cached_result(folder, "held-out")
+    if cached is not None:
+        return np.asarray(cached["probabilities"], dtype=np.float64), int(cached["folds"])
+    probabilities, folds = _fit_held_out(folder)
+    save_cached_result(folder, "held-out", {"probabilities": probabilities.round(6).tolist(), "folds": folds})
+    return probabilities, folds
+
+
+def _fit_held_out(folder: FolderFeatures) -> tuple[np.ndarray, int]:
     labels = folder.label_indices()
     rows = folder.training_rows()
     folds = fold_count(labels[rows])
@@ -421,7 +434,7 @@ def format_label_issues(report: dict, limit: int = 50) -> str:
     if not total:
         lines.append("\nIssues: none")
         return "\n".join(lines)
-    per_class = ", ".join(f"{name} {count}" for name, count in report["issues_per_class"].items())
+    per_class = ", ".join(f"{name}: {count}" for name, count in report["issues_per_class"].items())
     shown = f", the first {limit} listed" if total > limit else ""
     lines.append(f"\nIssues: {total} ({per_class}){shown}")
     width = max(len(short(issue["path"])) for issue in report["issues"][:limit])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from engine import data_map as data_map_module
+from engine import label_issues
 from engine.data_map import data_map, project
 from tests.conftest import REPO_ROOT, make_dataset, tiny_config
 
@@ -41,6 +42,9 @@ def test_data_map_of_a_folder_marks_the_mislabelled_image_and_is_cached(tmp_path
     wrong = root / "dogs" / "cats_5.png"
     shutil.move(root / "cats" / "cats_5.png", wrong)
     config = tiny_config(root)
+    label_issues.find_label_issues_in_folder(root, config)
+    # The map shares the label search's held-out probabilities: no second k-fold.
+    monkeypatch.setattr(label_issues, "_fit_held_out", lambda *arguments: pytest.fail("k-fold ran again"))
     result = data_map(root, config)
     points = {point["path"]: point for point in result["points"]}
     assert len(points) == 36 and result["classes"] == ["birds", "cats", "dogs"]
