@@ -259,3 +259,28 @@ def test_data_page_gallery_leaves_out_and_undoes(app_environment):
     assert {metric.label: metric.value for metric in app.metric}["Left out"] == "1"  # the scan applied it
     app.button(key=f"undo:{wrong}").click().run()
     assert label_decisions.read_decisions(root) == []
+
+
+def test_data_page_gallery_has_no_decision_buttons_for_a_viewer(app_environment):
+    root = make_dataset(app_environment / "appdata" / "colours", classes=("birds", "cats", "dogs"), per_class=12)
+    mislabel(root, "cats_3.png", "dogs")
+    app = AppTest.from_file(str(REPO_ROOT / "streamlit_app.py"), default_timeout=120)
+    # Signed in (Streamlit's OpenID Connect sign-in, as tests/test_signin.py gives it) as a viewer.
+    app.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "client_id": "transfer-studio",
+                           "cookie_secret": "a-test-cookie-secret-of-enough-length-0123456789",
+                           "client_secret": "test-client-secret",
+                           "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+    app.secrets["viewers"] = ["https://idp.example|vic"]
+    app.user = {"is_logged_in": True, "iss": "https://idp.example", "sub": "vic", "name": "Vic Viewer"}
+    app.switch_page("app_pages/data.py")
+    app.session_state["dataset_path"] = str(root)
+    for key, value in FAST_FEATURES.items():
+        app.session_state[key] = value
+    app.session_state["label_issues"] = True
+    app.run()
+    app.button(key="find_label_issues").click().run()
+    assert not app.exception, app.exception
+    assert any("given dogs" in caption.value for caption in app.caption)  # a viewer sees the gallery…
+    assert any("viewer" in info.value for info in app.info)
+    keys = [button.key or "" for button in app.button]
+    assert not [key for key in keys if key.startswith(("leave_out:", "move:", "undo:"))]  # …but cannot decide
