@@ -202,6 +202,11 @@ def show_problems(report: dict) -> None:
         st.caption(f"{report['num_ignored']} other file(s) ignored ({report['num_hidden_ignored']} hidden):")
         ignored = pd.DataFrame(report["ignored"])
         st.dataframe(ignored.assign(path=ignored["path"].map(printable)), hide_index=True, key="ignored")
+    if report.get("relabelled"):
+        st.info(f"{report['num_relabelled']} image(s) moved to another class for the next run "
+                "(see Check these labels); the files stay where they are:")
+        moved = pd.DataFrame(report["relabelled"])[["path", "from", "to", "by"]]
+        st.dataframe(moved.assign(path=moved["path"].map(printable)), hide_index=True, key="relabelled")
     if report["notes"]:
         with st.expander(f"{len(report['notes'])} file(s) converted or fixed on the fly"):
             notes = pd.DataFrame(report["notes"])

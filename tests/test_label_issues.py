@@ -259,6 +259,10 @@ def test_data_page_gallery_leaves_out_and_undoes(app_environment):
     assert {metric.label: metric.value for metric in app.metric}["Left out"] == "1"  # the scan applied it
     app.button(key=f"undo:{wrong}").click().run()
     assert label_decisions.read_decisions(root) == []
+    app.button(key=f"move:{wrong}").click().run()
+    assert [(entry["path"], entry["to"]) for entry in label_decisions.read_decisions(root)] == [(str(wrong), "cats")]
+    moved = [table.value for table in app.dataframe if "to" in table.value.columns]
+    assert moved and moved[0]["to"].tolist() == ["cats"]  # listed under the files left out
 
 
 def test_data_page_gallery_has_no_decision_buttons_for_a_viewer(app_environment):
