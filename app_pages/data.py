@@ -299,8 +299,8 @@ def show_label_issues(path: str, user) -> None:
         report = stored.get(key)
         if not report:
             return
-        st.markdown(f"**{report['num_issues']} image(s) to check** of {report['num_images']} searched "
-                    f"({report['scope']}); out-of-fold accuracy {report['out_of_fold_accuracy']:.1%}; "
+        st.markdown(f"**{report['num_issues']} image(s) to check** of {report['num_images']} searched, "
+                    f"{report['scope']}; out-of-fold accuracy {report['out_of_fold_accuracy']:.1%}, "
                     f"{report['folds_note']}.")
         show_issue_gallery(path, report["issues"], user)
 
@@ -376,7 +376,9 @@ def show_data_map(path: str) -> None:
         points = pd.DataFrame(result["points"])
         points["file"] = points["path"].map(lambda file: printable(os.path.relpath(file, path)))
         points["kind"] = points["mistake"].map({True: "mistake", False: "agrees"})
+        # Distinct hues per class (the theme's own sequence is shades of one blue).
         figure = px.scatter(points, x="x", y="y", color="label", symbol="kind",
+                            color_discrete_sequence=px.colors.qualitative.D3,
                             symbol_map={"agrees": "circle", "mistake": "x"},
                             hover_data={"file": True, "predicted": True, "x": False, "y": False, "kind": False},
                             custom_data=["path"], title=f"{len(points)} images, {result['num_mistakes']} mistakes")
