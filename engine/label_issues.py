@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ import numpy as np
 from engine import locations
 from engine.runfiles import atomic_write_json, read_json
 
-logger = logging.getLogger("engine.label_issues")
 
 # Folds of the out-of-fold probabilities; fewer when the smallest class has fewer images.
 FOLDS = 5
