@@ -16,6 +16,7 @@ from typing import Optional
 # Keep TensorFlow's C++ start-up chatter out of the terminal; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from engine.backbones import BACKBONES  # noqa: E402
 from engine.config import RunConfig, add_arguments, overrides_from_arguments, set_dotted  # noqa: E402
 
 TRAIN_HELP = {"data.path": "a folder of class subfolders, sample:NAME (sample:digits, sample:cats_vs_dogs) or "
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--test-fraction", type=float, default=defaults.test_fraction,
                        help="for a flat folder: the share held out for the final test")
     check.add_argument("--split-seed", type=int, default=defaults.split_seed, help="for a flat folder: the split's seed")
+    check.add_argument("--label-issues", action="store_true",
+                       help="rank the images whose label looks wrong (out-of-fold logistic regression on the "
+                            "backbone's features, ranked with cleanlab); the backbone runs once per image, then "
+                            "everything is cached")
+    check.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+                       help="with --label-issues: the backbone whose features are used (default: the default run's)")
     return parser
 
 
@@ -305,6 +312,13 @@ def command_check(arguments) -> int:
     folder = resolve_data_path(arguments.data)
     if not Path(folder).expanduser().is_dir():
         raise CommandError(f"Data folder {arguments.data!r} does not exist or is not a folder.")
+    if arguments.label_issues:
+        from engine.images import printable
+        from engine.label_issues import find_label_issues_in_folder, format_label_issues
+
+        issues = find_label_issues_in_folder(folder, arguments.backbone)
+        print(json.dumps(issues, indent=2) if arguments.json else printable(format_label_issues(issues)))
+        return 0
     report = check_dataset(folder, arguments.validation_fraction, arguments.test_fraction, arguments.split_seed)
     if arguments.json:
         print(json.dumps(report, indent=2))

@@ -125,3 +125,20 @@ def test_data_can_name_a_built_in_sample(tmp_path, monkeypatch):
 def test_unknown_sample_is_one_line(capsys):
     assert main(["train", "--data", "sample:imagenet"]) == 2
     assert "Unknown sample 'imagenet'; choose one of: digits" in _error_line(capsys)
+
+
+def test_check_label_issues_lists_a_picture_filed_under_the_wrong_class(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "colours", per_class=12)
+    shutil.copy(data / "cats" / "cats_0.jpg", data / "dogs" / "a_red_one.jpg")  # a cat filed as a dog
+    as_json = run_cli("check", data, "--label-issues", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    # With 25 noisy squares, a second image may rank too; the mislabelled one must be there, rightly read.
+    (found,) = [issue for issue in report["issues"] if Path(issue["path"]).name == "a_red_one.jpg"]
+    assert (found["given"], found["suggested"]) == ("dogs", "cats") and report["num_images"] == 25
+    assert found["rank"] <= 2
+    as_text = run_cli("check", data, "--label-issues")
+    assert as_text.returncode == 0, as_text.stderr
+    assert "Labels that look wrong" in as_text.stdout and "dogs/a_red_one.jpg" in as_text.stdout

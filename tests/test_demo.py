@@ -23,7 +23,7 @@ from engine.runs import create_run
 from engine.share import demo_examples, demo_link, only_this_computer, qr_png
 from engine.status import edit_summary
 from engine.users import Role, User
-from tests.conftest import REPO_ROOT, make_dataset, tiny_config, write_image
+from tests.conftest import REPO_ROOT, make_dataset, tiny_config
 
 OWNER = User(id="https://idp.example|alice", name="Alice", role=Role.MEMBER)
 OTHER_MEMBER = User(id="https://idp.example|bob", name="Bob", role=Role.MEMBER)

@@ -42,9 +42,10 @@ def load_feature_arrays() -> list:
 
 def test_saved_full_model_agrees_with_the_head_on_cached_features(tiny_three_class_dataset, tmp_path):
     """model.keras is base + head; on raw images it gives what the head gave on the cached features."""
+    from engine.calibration import apply_temperature
     from engine.features import build_feature_extractor
     from engine.images import load_rgb
-    from engine.predict import load_run_model
+    from engine.predict import load_run_model, run_temperature
 
     run_dir = train(tiny_config(tiny_three_class_dataset, **{"model.hidden_units": 8}), tmp_path)
     log = (run_dir / "worker.log").read_text()
@@ -55,7 +56,8 @@ def test_saved_full_model_agrees_with_the_head_on_cached_features(tiny_three_cla
     # predictions.csv came from the head on cached features (no fine-tuning ran).
     rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
     images = np.stack([load_rgb(row["path"], image_size) for row in rows]).astype(np.float32)
-    from_model = np.asarray(model.predict(images, verbose=0))
+    # predictions.csv holds calibrated probabilities: the same temperature turns the model's into them.
+    from_model = apply_temperature(np.asarray(model.predict(images, verbose=0)), run_temperature(run_dir))
     from_head = np.array([[float(row[f"prob_{name}"]) for name in classes] for row in rows])
     np.testing.assert_allclose(from_model, from_head, atol=1e-4)
 
