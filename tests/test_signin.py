@@ -492,6 +492,12 @@ def audit_lines(runs_dir: Path) -> list[tuple]:
     return [(entry["user_name"], entry["role"], entry["action"], entry["run"]) for entry in audit.read(runs_dir)]
 
 
+def run_control(page, name: str):
+    """A run's Stop / Resume / Kill button in the page's main area: while a script runs, Streamlit's
+    header shows a "Stop" button of its own, which a page-wide search would also find."""
+    return page.get_by_test_id("stMainBlockContainer").get_by_role("button", name=name)
+
+
 @pytest.mark.browser
 @pytest.mark.training
 def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, browser):
@@ -512,7 +518,7 @@ def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, 
     alice.get_by_test_id("stAlertContentSuccess").get_by_text("FINISHED").wait_for(timeout=240000)
     running = start_run_on_train_page(alice, runs_dir, epochs=LONG_RUN_EPOCHS)
     alice.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=60000)
-    expect(alice.get_by_role("button", name="Stop")).to_be_enabled()
+    expect(run_control(alice, "Stop")).to_be_enabled()
     # Training, not still starting: the features of the first run are cached, so epochs come fast.
     wait_until(lambda: (status := read_status(runs_dir / running)).stage is Stage.TRAINING_HEAD and status.epoch,
                timeout=120, what="the long run's first epoch")
@@ -532,7 +538,7 @@ def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, 
     bob.goto(f"{app_url}/monitor?run={running}")
     bob.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=30000)
     for button in ("Stop", "Resume", "Kill"):
-        expect(bob.get_by_role("button", name=button)).to_be_disabled()
+        expect(run_control(bob, button)).to_be_disabled()
     expect(bob.get_by_text("This run belongs to Alice Example: only they or an admin can stop")).to_be_visible()
     screenshot(bob, "8-bob-member-monitor")
     # The engine refuses Bob too, whatever a page shows him.
@@ -549,7 +555,7 @@ def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, 
     ada.goto(f"{app_url}/monitor?run={running}")
     ada.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=30000)
     assert read_status(runs_dir / running).state is State.RUNNING, "the run ended before the admin could stop it"
-    stop = ada.get_by_role("button", name="Stop")
+    stop = run_control(ada, "Stop")
     expect(stop).to_be_enabled()
     expect(ada.get_by_text("belongs to")).to_have_count(0)
     stop.click()
