@@ -8,7 +8,7 @@ PORT ?= 8501
 # ../shared/data is the real data beside this checkout in the project's workplace.
 DATA_ROOTS ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: run test test-fast test-all clean-venv
+.PHONY: run test test-fast test-all clean-venv browser-runtime
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,20 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(VENV)/.runtime-installed $@
 
-run: $(VENV)/.runtime-installed
+# The browser bundle's runtime (onnxruntime-web and its wasm files, pinned in package.json and
+# package-lock.json), from npm. Without npm the app still runs; only the browser bundle export says why it
+# cannot be made.
+node_modules/.installed: package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: the browser bundle export is unavailable (apt-get install npm)"; fi
+
+browser-runtime: node_modules/.installed
+
+run: $(VENV)/.runtime-installed browser-runtime
 	TRANSFER_STUDIO_DATA_ROOTS="$${TRANSFER_STUDIO_DATA_ROOTS:-$(DATA_ROOTS)}" \
 		$(BIN)/python -m streamlit run streamlit_app.py --server.port $(PORT)
 
-test: $(VENV)/.dev-installed
+test: $(VENV)/.dev-installed browser-runtime
 	$(BIN)/python -m pytest -q
 
 # The edit-test loop: no real training, no browser, no real data (about two minutes).
