@@ -1,7 +1,7 @@
 """Building the transfer-learning model, as the keras-io transfer-learning guide writes it.
 
-raw 0–255 RGB → augmentation (training only) → backbone's own preprocessing →
-frozen base called with training=False → GlobalAveragePooling2D → Dropout →
+raw 0–255 RGB → augmentation (training only) → backbone's own preprocessing (Keras's
+built-in layers, so `model.keras` loads with nothing but Keras) → frozen base called with training=False → GlobalAveragePooling2D → Dropout →
 optional Dense+ReLU → Dense(1, sigmoid) for two classes, Dense(n, softmax) otherwise.
 """
 
@@ -11,7 +11,7 @@ import keras
 
 from engine.backbones import build_base, get_backbone
 from engine.config import RunConfig
-from engine.layers import Preprocess
+from engine.layers import build_preprocessing
 
 BASE_LAYER_NAME = "base"
 PREPROCESS_LAYER_NAME = "preprocess"
@@ -58,7 +58,7 @@ def build_model(config: RunConfig, num_classes: int) -> keras.Model:
     augmentation = build_augmentation(config, config.training.seed)
     if augmentation is not None:
         features = augmentation(features)
-    features = Preprocess(spec.preprocess, name=PREPROCESS_LAYER_NAME)(features)
+    features = build_preprocessing(spec.preprocess, name=PREPROCESS_LAYER_NAME)(features)
     # training=False keeps BatchNorm in inference mode even when layers are unfrozen later.
     features = base(features, training=False)
     features = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER_NAME)(features)
