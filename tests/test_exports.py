@@ -243,6 +243,24 @@ def test_the_converter_error_names_the_ops():
     assert "Erfinv, Roll" in str(error) and "ConvNeXtTiny" in str(error) and "ONNX" in str(error)
 
 
+def test_a_model_with_an_op_tflite_lacks_is_refused_with_the_op_named(tmp_path):
+    """A real converter run: erfinv has no TFLite built-in kernel (it would need Flex)."""
+    import keras
+    from keras import ops
+
+    from engine.exports.tflite import UnsupportedOpsError, write_tflite
+
+    class InverseError(keras.layers.Layer):
+        def call(self, inputs):
+            return ops.erfinv(ops.tanh(inputs) * 0.5)
+
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(InverseError()(inputs)))
+    with pytest.raises(UnsupportedOpsError, match=r"op\(s\) Erfinv have no TFLite built-in kernel"):
+        write_tflite(keras.Model(inputs, outputs), tmp_path, "none", backbone="Odd")
+    assert not (tmp_path / "model.tflite").exists()
+
+
 def test_the_runners_import_only_their_runtime():
     """No runner names our package, and each is a plain script beside runner_common.py."""
     from engine.exports.parity import RUNNERS, RUNTIMES_FOLDER
@@ -278,16 +296,29 @@ def train_cats_vs_dogs(shared_dir, runs_dir, backbone, environment=None):
     return Path(trained.stdout.strip())
 
 
-def check_every_format(run_dir, label):
+def check_every_format(run_dir, label) -> dict:
+    """Exports every format/quantize, prints the table, returns {(format, quantize): parity}.
+
+    The float32 exports must pass their marks. A quantised export may miss its mark (it is then
+    kept and marked failed, which is checked), but must stay close: float16 within 2e-2, int8 with
+    ≥ 95 % top-1 agreement and accuracy at most 1 point lower. MobileNet α=0.25 is such a model:
+    on 500 images float16 differs by up to 1.2e-2 and int8 agrees on 96.8 % (docs/exports.md).
+    """
     from engine.exports import export_run, list_exports
     from engine.exports.report import markdown_table
 
-    for case in FORMAT_CASES:
-        parity = export_run(run_dir, *case, sample_limit=REAL_DATA_SAMPLE)
-        assert parity["images"] == REAL_DATA_SAMPLE and parity["skipped_images"] == 0
+    results = {case: export_run(run_dir, *case, sample_limit=REAL_DATA_SAMPLE) for case in FORMAT_CASES}
     print(f"\n{label}:\n{markdown_table(list_exports(run_dir))}")
-    failed = [item["format"] + "-" + item["quantize"] for item in list_exports(run_dir) if not item["passed"]]
-    assert not failed, failed
+    for (format, quantize), parity in results.items():
+        assert parity["images"] == REAL_DATA_SAMPLE and parity["skipped_images"] == 0
+        if quantize == "none":
+            assert parity["passed"], (format, parity)
+    listed = {(item["format"], item["quantize"]): item["passed"] for item in list_exports(run_dir)}
+    assert listed == {case: parity["passed"] for case, parity in results.items()}
+    assert results[("tflite", "float16")]["max_abs_difference"] <= 2e-2
+    int8 = results[("tflite", "int8")]
+    assert int8["top1_agreement"] >= 0.95 and int8["accuracy_export"] >= int8["accuracy_keras"] - 0.01
+    return results
 
 
 @pytest.mark.real_data
