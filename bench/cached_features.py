@@ -62,7 +62,7 @@ def report(**values):
 
 RECIPE_CHILD = CHILD_PRELUDE + r'''
 from engine.backbones import build_base, get_backbone
-from engine.layers import Preprocess
+from engine.layers import build_preprocessing
 
 backbone, alpha, epochs, data, work = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 learning_rate, seed = float(sys.argv[6]), int(sys.argv[7])
@@ -76,7 +76,7 @@ keras.utils.set_random_seed(seed)
 base = build_base(backbone, 224, alpha, "imagenet")
 base.trainable = False
 inputs = keras.Input((224, 224, 3))
-x = Preprocess(get_backbone(backbone).preprocess)(inputs)
+x = build_preprocessing(get_backbone(backbone).preprocess)(inputs)
 x = base(x, training=False)
 x = keras.layers.GlobalAveragePooling2D()(x)
 x = keras.layers.Dropout(0.2)(x)

@@ -27,7 +27,7 @@ class BackboneSpec:
     Attributes:
         name: Registry name shown to users.
         constructor: Attribute name in `keras.applications`.
-        preprocess: One of PREPROCESS_MODES (see `engine.layers.Preprocess`).
+        preprocess: One of PREPROCESS_MODES (see `engine.layers.build_preprocessing`).
         default_image_size: The size its ImageNet weights were trained at.
         min_image_size: The smallest input Keras accepts for it.
         alphas: Allowed width multipliers, empty when the base has none.

@@ -52,7 +52,7 @@ def converted_weights_path(include_top: bool = False) -> Path:
 
 
 def build_efficientnet_lite0(input_shape=(224, 224, 3), include_top: bool = False, name: str = "efficientnet_lite0"):
-    """The network, without weights. Input: an image already normalised (see `Preprocess` mode "lite")."""
+    """The network, without weights. Input: an image already normalised (see `engine.layers.build_preprocessing`, mode "lite")."""
     import keras
     from keras import layers
 
