@@ -393,3 +393,17 @@ def test_the_parity_table_shows_failed_exports_and_blanks():
     lines = markdown_table(exports).splitlines()
     assert lines[2].startswith("| tflite-int8 | FAILED | 200 | 3.0e-01 | 97.0% | 94.0% | 94.5% | 0.32 |")
     assert lines[3].startswith("| onnx | FAILED |  |")
+
+
+def test_the_operating_point_and_temperature_travel_with_the_export(tmp_path):
+    from engine.exports.bundle import write_bundle
+
+    write_bundle(tmp_path, "tflite", "int8", "model.tflite", ["cats", "dogs"], 224, "uint8", 0.58,
+                 {"threshold": 0.7, "minimum_confidence": 0.6}, "run-1", None)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert labels["operating_point"] == {"threshold": 0.7, "minimum_confidence": 0.6}
+    assert labels["calibration"]["temperature"] == 0.58
+    readme = (tmp_path / "README.md").read_text()
+    assert "answer dogs from a calibrated probability of 0.7" in readme and "below a calibrated probability of 0.6" in readme
+    assert "softmax(log(p) / T)" in readme and "uint8" in readme
+    assert json.loads((tmp_path / "input_spec.json").read_text())["shape"] == [None, 224, 224, 3]

@@ -132,6 +132,7 @@ def _build(run_dir: Path, format: str, quantize: str, folder: Path, sample_limit
     from engine.exports import bundle, parity, sample
     from engine.exports.inference import inference_model
     from engine.modeling import probabilities_per_class
+    from engine.operating_point import read_decision
     from engine.predict import load_run_model, predict_probabilities, run_temperature
 
     say("Loading model.keras")
@@ -154,9 +155,9 @@ def _build(run_dir: Path, format: str, quantize: str, folder: Path, sample_limit
 
         written = write_tflite(exported, folder, quantize, representative, backbone)
     model_path = Path(written["model_path"])
-    decision = runfiles.read_json(run_dir / runfiles.DECISION_FILE)
-    decision = {key: decision.get(key) for key in ("threshold", "minimum_confidence")} \
-        if isinstance(decision, dict) else None
+    saved = read_decision(run_dir)
+    decision = None if saved.threshold is None and saved.minimum_confidence is None else \
+        {"threshold": saved.threshold, "minimum_confidence": saved.minimum_confidence}
     bundle.write_bundle(folder, format, quantize, model_path.name, class_names, image_size,
                         written.get("input_dtype", "float32"), run_temperature(run_dir), decision, run_dir.name,
                         written.get("opset"))

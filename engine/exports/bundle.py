@@ -116,7 +116,14 @@ def readme_text(format: str, quantize: str, model_name: str, class_names: list[s
         f"- Calibration temperature: {temperature:g}. Calibrated probabilities: `softmax(log(p) / T)`.",
     ]
     if decision:
-        lines.append(f"- Operating point (from the run's `decision.json`): {decision}.")
+        parts = []
+        if decision.get("threshold") is not None and len(class_names) == 2:
+            parts.append(f"answer {class_names[1]} from a calibrated probability of {decision['threshold']:g}")
+        if decision.get("minimum_confidence"):
+            parts.append(f"say \"not sure\" below a calibrated probability of {decision['minimum_confidence']:g} "
+                         f"for the answered class")
+        if parts:
+            lines.append(f"- Operating point (the run's `decision.json`, also in `labels.json`): {'; '.join(parts)}.")
     lines += [
         "",
         f"Needs `pip install {_PIP[format]} numpy pillow`. From this folder:",
