@@ -145,7 +145,7 @@ def _build(run_dir: Path, format: str, quantize: str, folder: Path, sample_limit
         written = write_savedmodel(exported, folder)
     elif format == "onnx":
         from engine.exports.onnx_export import write_onnx
-        written = write_onnx(exported, folder)
+        written = write_onnx(exported, folder, backbone)
     else:
         from engine.exports.tflite import write_tflite
 

@@ -15,11 +15,14 @@ MODEL_NAME = "model.onnx"
 OPSET = 17
 
 
-def write_onnx(model, folder: Path) -> dict:
+def write_onnx(model, folder: Path, backbone: str = "") -> dict:
     """Writes `folder/model.onnx` from the inference model.
 
     Returns:
         {"model_path", "runtime": {"name", "version"}, "opset"}.
+
+    Raises:
+        ValueError: tf2onnx left TensorFlow ops it could not translate (named in the message).
     """
     import onnxruntime
 
@@ -31,5 +34,30 @@ def write_onnx(model, folder: Path) -> dict:
         model(np.zeros((1, *model.input_shape[1:]), dtype="float32"), training=False)
     path = Path(folder) / MODEL_NAME
     model.export(str(path), format="onnx", opset_version=OPSET, verbose=False)
+    check_onnx_ops(path, backbone)
     return {"model_path": path, "runtime": {"name": "onnxruntime", "version": onnxruntime.__version__},
             "opset": OPSET}
+
+
+def check_onnx_ops(path: Path, backbone: str = "") -> None:
+    """Raises ValueError when the graph holds ops that are not ONNX's own.
+
+    tf2onnx keeps a TensorFlow op it cannot translate as a node of that name (e.g.
+    `StatefulPartitionedCall` for Keras's grouped convolutions in ConvNeXt), which ONNX
+    Runtime then refuses to load: said here, with the op and the layer, rather than as a
+    runtime error.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    schemas = {schema.name for schema in onnx.defs.get_all_schemas()}
+    unknown: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type not in schemas:
+            unknown.setdefault(node.op_type, []).append(node.name)
+    if unknown:
+        model = f"the {backbone} model" if backbone else "the model"
+        named = "; ".join(f"{op} (e.g. in {nodes[0].split('/StatefulPartitionedCall')[0]})"
+                          for op, nodes in unknown.items())
+        raise ValueError(f"ONNX (opset {OPSET}) cannot convert {model}: tf2onnx left TensorFlow op(s) it could not "
+                         f"translate: {named}. Export this run as SavedModel or TFLite instead (see docs/exports.md).")
