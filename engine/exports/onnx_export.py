@@ -40,7 +40,7 @@ def write_onnx(model, folder: Path, backbone: str = "") -> dict:
 
 
 def check_onnx_ops(path: Path, backbone: str = "") -> None:
-    """Raises ValueError when the graph holds ops that are not ONNX's own.
+    """Raises ValueError when the graph holds ops that are not ONNX's own, or inputs besides the image.
 
     tf2onnx keeps a TensorFlow op it cannot translate as a node of that name (e.g.
     `StatefulPartitionedCall` for Keras's grouped convolutions in ConvNeXt), which ONNX
@@ -55,8 +55,16 @@ def check_onnx_ops(path: Path, backbone: str = "") -> None:
     for node in graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type not in schemas:
             unknown.setdefault(node.op_type, []).append(node.name)
+    model = f"the {backbone} model" if backbone else "the model"
+    initializers = {initializer.name for initializer in graph.initializer}
+    extra_inputs = [item.name for item in graph.input if item.name not in initializers][1:]
+    if extra_inputs:
+        # Seen with Keras's Normalization layer inside EfficientNetB0–B3: its mean and variance
+        # come out as inputs the caller would have to feed, not as constants.
+        raise ValueError(f"ONNX (opset {OPSET}) cannot convert {model}: tf2onnx turned layer variable(s) into extra "
+                         f"graph input(s) ({', '.join(extra_inputs[:3])}); expected one input, the image. Export "
+                         f"this run as SavedModel or TFLite instead (see docs/exports.md).")
     if unknown:
-        model = f"the {backbone} model" if backbone else "the model"
         named = "; ".join(f"{op} (e.g. in {nodes[0].split('/StatefulPartitionedCall')[0]})"
                           for op, nodes in unknown.items())
         raise ValueError(f"ONNX (opset {OPSET}) cannot convert {model}: tf2onnx left TensorFlow op(s) it could not "
