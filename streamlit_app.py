@@ -14,6 +14,7 @@ pages = [
     st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
     st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:"),
     st.Page("app_pages/demo.py", title="Demo", icon=":material/co_present:"),
+    st.Page("app_pages/export.py", title="Export", icon=":material/ios_share:"),
 ]
 # Without `[auth]` in the secrets (local mode) every page; with it, only a sign-in screen
 # until the visitor has signed in (signin.py).

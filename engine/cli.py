@@ -94,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--opacity", type=float, default=0.45, help="0 shows only the image, 1 only the heatmap")
     explain.add_argument("images", nargs="+", help="image files")
 
+    export = commands.add_parser("export", help="export a run (SavedModel, TFLite, ONNX, a browser page) and check "
+                                                "that the export predicts what the model predicts")
+    export.add_argument("--run", required=True, help="run folder or run id")
+    export.add_argument("--runs-dir")
+    export.add_argument("--format", required=True, choices=("savedmodel", "tflite", "onnx", "browser"))
+    export.add_argument("--quantize", default="none", choices=("none", "float16", "int8"),
+                        help="TFLite only: float16 (half the size) or int8 (full-integer, uint8 input)")
+    export.add_argument("--sample-limit", type=int, default=500,
+                        help="at most this many validation images are compared in the parity check")
+
     card = commands.add_parser("card", help="write a run's model card (HTML, Markdown, JSON) into its folder")
     card.add_argument("--run", required=True, help="run folder or run id")
     card.add_argument("--runs-dir")
@@ -238,6 +248,39 @@ def command_explain(arguments) -> int:
     print(json.dumps(results, indent=2))
     # Like predict: an unusable file gets an "error" entry and does not stop the others.
     return 0
+
+
+def command_export(arguments) -> int:
+    from engine.runs import resolve_run
+
+    run_dir = resolve_run(arguments.run, arguments.runs_dir)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if arguments.format == "browser":
+        from engine.exports.browser import export_browser
+
+        if arguments.quantize != "none":
+            raise CommandError("The browser page runs the float32 ONNX export: drop --quantize.")
+        try:
+            result = export_browser(run_dir, sample_limit=arguments.sample_limit, progress=say)
+        except (RuntimeError, FileNotFoundError) as error:  # the runtime missing or failing: one line
+            raise CommandError(str(error)) from error
+        print(json.dumps({"folder": result["out_dir"], "files": result["files"],
+                          "onnx_parity_passed": result["onnx_parity"].get("passed")}, indent=2))
+        return 0
+    from engine.exports import export_folder, export_run
+
+    try:
+        parity = export_run(run_dir, arguments.format, arguments.quantize, sample_limit=arguments.sample_limit,
+                            progress=say)
+    except RuntimeError as error:  # the export's runtime could not load or run it: one line, not a traceback
+        raise CommandError(str(error)) from error
+    print(json.dumps({"folder": str(export_folder(run_dir, arguments.format, arguments.quantize)), **parity},
+                     indent=2, default=str))
+    # An export that misses its parity mark is kept with its numbers, but the command says it failed.
+    return 0 if parity.get("passed") else 1
 
 
 def command_card(arguments) -> int:
@@ -489,6 +532,7 @@ COMMANDS = {
     "backbones": command_backbones,
     "check": command_check,
     "card": command_card,
+    "export": command_export,
     "explain": command_explain,
     "operating-point": command_operating_point,
 }

@@ -248,3 +248,59 @@ def _check_fraction(name: str, value) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"`{name}` must be between 0 and 1, or None; received {name}={value!r}.")
     return float(value)
+
+
+BROWSER_FOLDER = "browser"
+
+
+def export_browser(run_dir: str | os.PathLike, user=None, sample_limit: Optional[int] = None,
+                   progress=None) -> dict:
+    """The run's browser bundle in `runs/<id>/exports/browser/`, made from its ONNX export.
+
+    The ONNX export is made (and checked by onnxruntime) first unless one exists that passed its
+    parity mark; a bundle is never built on an ONNX file that failed it. The page runs that same
+    file in onnxruntime-web (tests/test_browser_bundle.py compares it with Keras in Chromium).
+
+    Args:
+        run_dir: The run folder.
+        user: The acting user; exporting writes into the run folder: its owner or an admin only.
+        sample_limit: Validation images the ONNX parity check compares (default: the exports' default).
+        progress: Called with one human line per step.
+
+    Returns:
+        {"out_dir", "files": {name: bytes}, "total_bytes", "onnx_parity": the ONNX export's parity}.
+
+    Raises:
+        PermissionError: a viewer, or a member who does not own the run.
+        ValueError: the ONNX export failed its parity mark, or the model cannot be bundled.
+        RuntimeMissingError: onnxruntime-web is not installed (`make browser-runtime`).
+    """
+    import time
+
+    from engine.exports import DEFAULT_SAMPLE_LIMIT, EXPORTS_FOLDER, PARITY_NAME, _replace_folder, export_folder, export_run
+    from engine.jobs import authorize
+    from engine.status import read_status
+
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    authorize(user, status, "export")
+    say = progress or (lambda text: None)
+    onnx_folder = export_folder(run_dir, "onnx")
+    parity = runfiles.read_json(onnx_folder / PARITY_NAME)
+    if not (isinstance(parity, dict) and parity.get("passed") is True):
+        say("Making the ONNX export the page runs, and checking it with onnxruntime.")
+        parity = export_run(run_dir, "onnx", user=user, sample_limit=sample_limit or DEFAULT_SAMPLE_LIMIT,
+                            progress=progress)
+    if not parity.get("passed"):
+        raise ValueError(f"Run {run_dir.name}'s ONNX export failed its parity check "
+                         f"({(parity.get('mark') or {}).get('text', '')}), so no browser page is built on it.")
+    target = run_dir / EXPORTS_FOLDER / BROWSER_FOLDER
+    building = target.parent / f".{target.name}.{runfiles.process_tag()}.{time.time_ns()}"
+    try:
+        written = build_browser_bundle_from_onnx_export(onnx_folder, building, title=status.name or None)
+        _replace_folder(building, target)
+    finally:
+        if building.exists():
+            shutil.rmtree(building, ignore_errors=True)
+    say(f"Browser page written to {target}: serve that folder (python -m http.server) and open index.html.")
+    return {**written, "out_dir": str(target), "onnx_parity": parity}
