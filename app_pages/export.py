@@ -72,7 +72,7 @@ def export_button(run, user) -> None:
                     # The page runs the ONNX export, which must pass its own parity check first.
                     parity = export_browser(run.path, user=user)["onnx_parity"]
                 else:
-                    parity = export_run(run.path, export_format, quantize, user=user)
+                    parity = export_run(run.path, export_format, quantize, user=user, source="page")
             except (PermissionError, ValueError, RuntimeError, FileNotFoundError) as error:
                 st.error(str(error))
                 return

@@ -274,7 +274,7 @@ def command_export(arguments) -> int:
 
     try:
         parity = export_run(run_dir, arguments.format, arguments.quantize, sample_limit=arguments.sample_limit,
-                            progress=say)
+                            progress=say, source="cli")
     except RuntimeError as error:  # the export's runtime could not load or run it: one line, not a traceback
         raise CommandError(str(error)) from error
     print(json.dumps({"folder": str(export_folder(run_dir, arguments.format, arguments.quantize)), **parity},

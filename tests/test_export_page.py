@@ -26,6 +26,7 @@ def test_the_command_exports_onnx_and_a_browser_page_and_refuses_a_bad_choice(tr
     result = json.loads(made.stdout)
     assert result["passed"] is True and result["format"] == "onnx"
     assert (trained_run / "exports" / "onnx" / "parity.json").is_file()
+    assert '"action": "export"' in (runs / "audit.jsonl").read_text()
 
     page = run_cli("export", "--run", trained_run.name, "--runs-dir", runs, "--format", "browser")
     assert page.returncode == 0, page.stderr[-2000:]

@@ -78,7 +78,8 @@ def list_exports(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def export_run(run_dir: str | os.PathLike, format: str, quantize: str = "none", user=None,
-               sample_limit: int = DEFAULT_SAMPLE_LIMIT, progress: Optional[Callable[[str], None]] = None) -> dict:
+               sample_limit: int = DEFAULT_SAMPLE_LIMIT, progress: Optional[Callable[[str], None]] = None,
+               source: str = "python") -> dict:
     """Exports a finished run and checks the export against `model.keras`.
 
     Args:
@@ -89,6 +90,7 @@ def export_run(run_dir: str | os.PathLike, format: str, quantize: str = "none", 
             Exporting writes into the run folder: its owner or an admin only.
         sample_limit: At most this many validation images are compared (every k-th).
         progress: Called with one human line per step.
+        source: Where from, for the audit log ("page", "cli" or "python").
 
     Returns:
         The parity dict written to `parity.json` (see docs/exports.md); `passed` says whether
@@ -109,7 +111,7 @@ def export_run(run_dir: str | os.PathLike, format: str, quantize: str = "none", 
     run_dir = Path(run_dir)
     if not (run_dir / runfiles.STATUS_FILE).is_file():
         raise ValueError(f"{run_dir} is not a run folder (no {runfiles.STATUS_FILE}); expected runs/<id>/.")
-    authorize(user, read_status(run_dir), "export")
+    acting = authorize(user, read_status(run_dir), "export")
     say = progress or (lambda text: None)
     target = export_folder(run_dir, format, quantize)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,10 @@ def export_run(run_dir: str | os.PathLike, format: str, quantize: str = "none", 
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
     say(f"{export_name(format, quantize)}: {'passed' if parity['passed'] else 'FAILED'} ({parity['mark']['text']}).")
+    from engine import audit
+
+    audit.record(run_dir.parent, acting, "export", run_dir.name, source,
+                 {"export": export_name(format, quantize), "passed": parity["passed"]})
     return parity
 
 
