@@ -28,7 +28,7 @@ def build_preprocessing(mode: str, name: str = "preprocess") -> keras.Sequential
 
     The same numbers as `Preprocess(mode)` to float rounding (`tests/test_portable_model.py`):
     "tf" is Rescaling(1/127.5, offset=-1); "lite" is Rescaling(1/128, offset=-127/128);
-    "torch" is Rescaling(1/255) then Normalization with ImageNet's fixed mean and variance;
+    "torch" is one Rescaling with per-channel scale 1/(255·std) and offset −mean/std;
     "caffe" is a cast then one fixed linear map over the channel axis (a Dense(3) whose
     kernel swaps R and B and whose bias is minus the BGR mean); "none" is Rescaling(1.0).
     Every mode starts with a Rescaling, which casts uint8 input to float32.
@@ -51,9 +51,12 @@ def build_preprocessing(mode: str, name: str = "preprocess") -> keras.Sequential
         # EfficientNet-Lite's own normalisation, (x - 127) / 128; both constants are exact in float32.
         layers = [keras.layers.Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="scale")]
     elif mode == "torch":
-        variance = [std * std for std in _TORCH_STD]
-        layers = [keras.layers.Rescaling(1.0 / 255.0, name="scale"),
-                  keras.layers.Normalization(axis=-1, mean=list(_TORCH_MEAN), variance=variance, name="normalise")]
+        # (x / 255 − mean) / std as one per-channel Rescaling. Not a Normalization layer: tf2onnx
+        # turns its mean and variance into extra ONNX graph inputs (checked: the ONNX export
+        # then asks for `…/normalization/Sub/y:0`), so DenseNet121 would not export to ONNX.
+        layers = [keras.layers.Rescaling([1.0 / (255.0 * std) for std in _TORCH_STD],
+                                         offset=[-mean / std for mean, std in zip(_TORCH_MEAN, _TORCH_STD)],
+                                         name="scale")]
     elif mode == "caffe":
         layers = [keras.layers.Rescaling(1.0, name="to_float"),
                   keras.layers.Dense(3, name="rgb_to_bgr_minus_mean")]

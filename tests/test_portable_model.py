@@ -253,3 +253,23 @@ def test_real_imagenet_models_load_with_keras_alone(keras_home_with_mobilenet, s
 
     for actual, wanted in zip(outputs, expected):
         np.testing.assert_allclose(actual, wanted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["tf", "lite", "torch", "caffe", "none"])
+def test_every_preprocessing_mode_exports_to_onnx_with_the_image_as_its_only_input(mode, tmp_path):
+    """A Normalization layer would become extra ONNX graph inputs (tf2onnx); the built-in layers used here do not."""
+    import keras
+    import onnxruntime
+
+    from engine.layers import build_preprocessing
+
+    inputs = keras.Input((16, 16, 3))
+    features = keras.layers.GlobalAveragePooling2D()(build_preprocessing(mode)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(features))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    expected = model.predict(images, verbose=0)  # Keras's ONNX export needs a model that has been called
+    model.export(str(tmp_path / "model.onnx"), format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 1, [item.name for item in session.get_inputs()]
+    (result,) = session.run(None, {session.get_inputs()[0].name: images})
+    np.testing.assert_allclose(result, expected, atol=1e-5)
