@@ -373,7 +373,7 @@ def explain_images(run_dir: str | os.PathLike, image_paths: list[str], out_dir: 
     """
     from PIL import Image
 
-    from engine.images import check_image, load_rgb
+    from engine.images import load_usable_images
     from engine.predict import load_run_model
 
     if not 0.0 <= float(opacity) <= 1.0:
@@ -381,20 +381,7 @@ def explain_images(run_dir: str | os.PathLike, image_paths: list[str], out_dir: 
     model, class_names, image_size = loaded or load_run_model(run_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, arrays, positions = [], [], []
-    for path in image_paths:
-        path = str(path)
-        check = check_image(path)
-        if not check.ok:
-            results.append({"path": path, "error": check.reason})
-            continue
-        try:
-            arrays.append(load_rgb(path, image_size))
-        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
-            results.append({"path": path, "error": f"unreadable: {error}"})
-            continue
-        positions.append(len(results))
-        results.append({"path": path})
+    results, arrays, positions = load_usable_images(image_paths, image_size)
     if not arrays:
         return results
     heatmaps, predicted = maps_and_classes(model, np.stack(arrays))

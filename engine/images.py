@@ -255,3 +255,28 @@ def _upright_rgb_array(image: Image.Image, image_size: Optional[int]) -> np.ndar
     if image_size:
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_usable_images(image_paths, image_size: int) -> tuple[list[dict], list[np.ndarray], list[int]]:
+    """Reads image files for a model, one bad file never stopping the others.
+
+    Returns:
+        (one dict per path, in order: {"path"} or {"path", "error"} naming why the file cannot
+        be used; the uint8 RGB arrays of the usable files at `image_size`; for each array, the
+        index of its dict in the first list).
+    """
+    results, arrays, positions = [], [], []
+    for path in image_paths:
+        path = str(path)
+        check = check_image(path)
+        if not check.ok:
+            results.append({"path": path, "error": check.reason})
+            continue
+        try:
+            arrays.append(load_rgb(path, image_size))
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
+            results.append({"path": path, "error": f"unreadable: {error}"})
+            continue
+        positions.append(len(results))
+        results.append({"path": path})
+    return results, arrays, positions

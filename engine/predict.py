@@ -78,24 +78,12 @@ def predict_images(run_dir: str | os.PathLike, image_paths: list[str], top_k: in
         `error` naming why the file could not be used.
     """
     from engine.calibration import apply_temperature
-    from engine.images import check_image, load_rgb
+    from engine.images import load_usable_images
     from engine.operating_point import read_decision, verdict
 
     model, class_names, image_size = loaded or load_run_model(run_dir)
     temperature, decision = run_temperature(run_dir), read_decision(run_dir)
-    results, arrays, positions = [], [], []
-    for path in image_paths:
-        check = check_image(path)
-        if not check.ok:
-            results.append({"path": path, "error": check.reason})
-            continue
-        try:
-            arrays.append(load_rgb(path, image_size))
-        except Exception as error:  # noqa: BLE001 - one bad file must not stop the others
-            results.append({"path": path, "error": f"unreadable: {error}"})
-            continue
-        positions.append(len(results))
-        results.append({"path": path})
+    results, arrays, positions = load_usable_images(image_paths, image_size)
     if arrays:
         probabilities = apply_temperature(predict_probabilities(model, np.stack(arrays), len(class_names)),
                                           temperature)
