@@ -146,9 +146,7 @@ class LocalExecutor:
 
     def logs(self, run_dir: Path, lines: int = 40) -> str:
         """The last lines of `worker.log`, without TensorFlow's start-up noise."""
-        from engine.interpret import log_tail
-
-        return log_tail(run_dir, lines)
+        return runfiles.log_tail(run_dir, lines)
 
 
 def _now_line() -> str:

@@ -1,13 +1,12 @@
 """What the Monitor and Evaluate pages show, computed from a run folder (fastai-style interpretation).
 
-Reads `metrics.jsonl`, `evaluation.json`, `predictions.csv` and `worker.log`; never
+Reads `metrics.jsonl`, `evaluation.json`, `predictions.csv` and `data_report.json`; never
 imports TensorFlow, so the pages that use it stay light.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +32,6 @@ def phase_two_start(epochs: pd.DataFrame):
         return None
     phase_two = epochs[epochs["phase"] == 2]
     return None if phase_two.empty else float(phase_two["epoch"].min() - 1)
-
-
-def log_tail(run_dir: str | os.PathLike, lines: int = 40) -> str:
-    """The last lines of `worker.log`, without TensorFlow's start-up noise."""
-    path = Path(run_dir) / runfiles.LOG_FILE
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            useful = (line for line in handle if not line.startswith(("I0000", "E0000", "W0000", "WARNING: All log")))
-            return "".join(deque(useful, maxlen=lines))
-    except OSError:
-        return ""
 
 
 def load_predictions(run_dir: str | os.PathLike) -> pd.DataFrame:

@@ -9,6 +9,7 @@ This module never imports TensorFlow.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 import csv
 import errno
 import glob
@@ -243,3 +244,14 @@ def _inject(point: str, action: str, release: str) -> None:
             time.sleep(0.05)
         logger.warning("%s: released at %s.", FAULT_VARIABLE, point)
 
+
+
+def log_tail(run_dir: str | os.PathLike, lines: int = 40) -> str:
+    """The last lines of a run's `worker.log`, without TensorFlow's start-up noise ("" when there is none)."""
+    path = Path(run_dir) / LOG_FILE
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as handle:
+            useful = (line for line in handle if not line.startswith(("I0000", "E0000", "W0000", "WARNING: All log")))
+            return "".join(deque(useful, maxlen=lines))
+    except OSError:
+        return ""

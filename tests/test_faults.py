@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from engine import jobs, runfiles
-from engine.interpret import log_tail, metrics_frames
+from engine.interpret import metrics_frames
+from engine.runfiles import log_tail
 from engine.runs import get_run, list_runs, read_status
 from engine.status import Stage, State
 from engine.train import FAULT_VARIABLE, run_training
