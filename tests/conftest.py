@@ -24,6 +24,11 @@ os.environ["KERAS_HOME"] = str(SESSION_KERAS_HOME)
 atexit.register(shutil.rmtree, SESSION_KERAS_HOME, True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Debian's Chromium, which Playwright drives in the browser tests (it downloads no browser).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Headless in a container: no sandbox, no GPU, nothing fetched in the background.
+CHROMIUM_ARGUMENTS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                      "--disable-sync", "--no-first-run", "--disable-quic")
 SHARED = REPO_ROOT.parent / "shared"
 # Colours far apart, so a model learns the classes in a few steps even from random weights.
 CLASS_COLOURS = {"cats": (220, 40, 40), "dogs": (40, 60, 220), "birds": (40, 200, 60)}
@@ -56,6 +61,20 @@ def write_image(path: Path, colour, size=(40, 32), fmt=None, noise_seed=0, mode=
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server a test starts there."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_chromium(playwright, extra_arguments=()):
+    """Debian's Chromium, headless, with CHROMIUM_ARGUMENTS (and `extra_arguments`)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGUMENTS, *extra_arguments])
 
 
 def make_dataset(root: Path, classes=("cats", "dogs"), per_class=12, split=False, size=(40, 32)) -> Path:

@@ -7,8 +7,6 @@ Screenshots of every page go to test-artifacts/screenshots/.
 
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, make_dataset, stop_live_workers
+from tests.conftest import CHROMIUM, REPO_ROOT, free_port, launch_chromium, make_dataset, stop_live_workers
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 pytestmark = [pytest.mark.browser, pytest.mark.training]
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -70,10 +62,7 @@ def page():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(playwright)
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         yield context.new_page()
         browser.close()

@@ -14,9 +14,7 @@ test's temporary folder (`bundle-three-classes.png`, `bundle-two-classes.png`).
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,8 +28,8 @@ from PIL import Image
 
 from engine.exports.browser import (RUNTIME_FILES, RuntimeMissingError, build_browser_bundle,
                                     build_browser_bundle_from_onnx_export)
+from tests.conftest import CHROMIUM, free_port, launch_chromium
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IMAGE_SIZE = 64
 # The model part of the page (onnxruntime-web on the same pixels) agrees with Keras to float32
 # rounding; the resize is Pillow's re-implemented exactly, so PNG pixels match to the byte.
@@ -44,11 +42,6 @@ JPEG_PIXEL_TOLERANCE = 12
 JPEG_MEAN_PIXEL_TOLERANCE = 1.5
 JPEG_TOLERANCE = 0.02
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def export_onnx(model, path: Path) -> Path:
@@ -187,10 +180,7 @@ def browser_page():
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(playwright)
         page = browser.new_context(viewport={"width": 1000, "height": 900}).new_page()
         page.requested = []
         page.on("request", lambda request: page.requested.append(request.url))

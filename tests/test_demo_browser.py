@@ -9,8 +9,6 @@ the test's temporary folder (`demo-1-answer.png`, `demo-2-overlay.png`, `demo-3-
 
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +16,10 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO_ROOT, make_dataset, tiny_config
+from tests.conftest import CHROMIUM, REPO_ROOT, free_port, launch_chromium, make_dataset, tiny_config
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.training]
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -83,12 +75,8 @@ def page():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic",
-                  # A synthetic camera (Chromium's test pattern), allowed without asking.
-                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        # A synthetic camera (Chromium's test pattern), allowed without asking.
+        browser = launch_chromium(playwright, ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
         context = browser.new_context(viewport={"width": 1366, "height": 900}, permissions=["camera"])
         yield context.new_page()
         browser.close()

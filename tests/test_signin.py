@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +23,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import REPO_ROOT, stop_live_workers, tiny_config, wait_until
+from tests.conftest import CHROMIUM, REPO_ROOT, free_port, launch_chromium, stop_live_workers, tiny_config, wait_until
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 COOKIE_SECRET = "a-test-cookie-secret-of-enough-length-0123456789"
 USER_COOKIE = "_streamlit_user"
@@ -182,11 +179,6 @@ def test_sign_in_fails_closed_when_its_secrets_go_missing(app_environment, secre
 HOST = "127.0.0.1"  # the one host name for the browser, the app, the redirect URI and the provider
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
 
 def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     """Waits until `url` answers 200, or fails with the end of the process's log."""
@@ -294,10 +286,7 @@ def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(playwright)
         yield browser
         browser.close()
 
