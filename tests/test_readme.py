@@ -44,3 +44,14 @@ def test_piped_cli_output_ends_quietly(tmp_path):
                             shell=True, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.startswith("run ") and result.stdout.count("\n") == 1, result.stdout
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_the_ci_script_parses_and_ends_in_make_test():
+    """CI runs `.ci/run`: a quoting slip there fails every run after one second, before any test."""
+    script = REPO_ROOT / ".ci" / "run"
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    commands = [line.strip() for line in script.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    assert commands[-1] == "make test", commands[-1]
+    assert os.access(script, os.X_OK), ".ci/run must stay executable"
