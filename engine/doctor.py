@@ -38,6 +38,7 @@ from engine.data import (
     split_counts,
 )
 from engine.images import load_rgb
+from engine.near_duplicates import pairs_within
 from engine.runfiles import atomic_write_json, read_json
 
 # Two images whose 256-bit pHashes (16×16 DCT signs) differ in at most this many bits are
@@ -290,35 +291,18 @@ def _close_pairs(left: tuple, right: tuple, same: bool, limit: int) -> tuple[np.
     tolerance, closest first, and their count.
 
     `left` and `right` are (hashes, colours) from `_hash_array`. With `same`, they are the
-    same arrays and only pairs i < j are counted.
-    Works in blocks of rows, so memory stays small for tens of thousands of images, and keeps
-    only the `limit` closest pairs, so a folder of near-identical pictures cannot flood it.
+    same arrays and only pairs i < j are counted. The pairs come from the multi-index of
+    `engine.near_duplicates` (the same pairs as comparing every pair, at a cost that grows
+    about linearly with the number of images); only the `limit` closest are kept, so a
+    folder of near-identical pictures cannot flood the report.
     """
     (left, left_colours), (right, right_colours) = left, right
-    block = 64
-    kept = np.zeros((0, 3), dtype=np.int64)
-    total = 0
-    for start in range(0, len(left), block):
-        rows = left[start:start + block]
-        # Within one array only the pairs to the right of the block's first row can be new.
-        offset = start if same else 0
-        columns = right[offset:]
-        distances = np.bitwise_count(rows[:, None, :] ^ columns[None, :, :]).sum(axis=2, dtype=np.int64)
-        close = distances <= NEAR_DUPLICATE_DISTANCE
-        if same:
-            close &= (offset + np.arange(len(columns)))[None, :] > (start + np.arange(len(rows)))[:, None]
-        row_index, column_index = np.nonzero(close)
-        gap = np.abs(left_colours[start + row_index] - right_colours[offset + column_index]).max(axis=1)
-        similar = gap <= COLOUR_TOLERANCE
-        row_index, column_index = row_index[similar], column_index[similar]
-        total += len(row_index)
-        if len(row_index):
-            found = np.stack([row_index + start, column_index + offset, distances[row_index, column_index]], axis=1)
-            kept = np.concatenate([kept, found.astype(np.int64)])
-            if len(kept) > limit:
-                kept = kept[np.argsort(kept[:, 2], kind="stable")[:limit]]
-    order = np.lexsort((kept[:, 1], kept[:, 0], kept[:, 2]))
-    return kept[order], total
+    pairs = pairs_within(left, None if same else right, NEAR_DUPLICATE_DISTANCE)
+    if len(pairs):
+        gap = np.abs(left_colours[pairs[:, 0]] - right_colours[pairs[:, 1]]).max(axis=1)
+        pairs = pairs[gap <= COLOUR_TOLERANCE]
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], pairs[:, 2]))
+    return pairs[order][:limit], len(pairs)
 
 
 def _near_duplicates(paths, content, perceptual, labels, split_of) -> tuple[list[dict], int]:
