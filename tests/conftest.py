@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -75,6 +76,60 @@ def free_port() -> int:
 def launch_chromium(playwright, extra_arguments=()):
     """Debian's Chromium, headless, with CHROMIUM_ARGUMENTS (and `extra_arguments`)."""
     return playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGUMENTS, *extra_arguments])
+
+
+@contextlib.contextmanager
+def serve_dashboard(log_path: Path, environment: dict):
+    """`streamlit run streamlit_app.py` on a free 127.0.0.1 port in its own process group; yields its URL.
+
+    The server (and anything it starts) is ended by its process group id when the block ends.
+    """
+    import urllib.request
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
+    port = free_port()
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
+         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO_ROOT, env={**os.environ, **environment}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the dashboard did not start: " + Path(log_path).read_text()[-2000:])
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
+
+
+def screenshot_whole_page(page, path: Path, width: int = 1366, height: int = 900) -> None:
+    """A full-page screenshot once Streamlit has drawn everything (no script running, no placeholders)."""
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60000)
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30000)
+    page.wait_for_timeout(500)
+    # The main area scrolls inside the page, so a full-page shot needs a viewport that tall.
+    tall = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 900")
+    page.set_viewport_size({"width": width, "height": max(height, min(int(tall) + 100, 4000))})
+    page.wait_for_timeout(600)  # images and tables lay themselves out again for the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": height})
 
 
 def make_dataset(root: Path, classes=("cats", "dogs"), per_class=12, split=False, size=(40, 32)) -> Path:

@@ -7,19 +7,13 @@ Chromium's synthetic camera. Screenshots go to
 the test's temporary folder (`demo-1-answer.png`, `demo-2-overlay.png`, `demo-3-camera.png`).
 """
 
-import os
 import re
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from tests.conftest import CHROMIUM, REPO_ROOT, free_port, launch_chromium, make_dataset, tiny_config
+from tests.conftest import launch_chromium, make_dataset, screenshot_whole_page, serve_dashboard, tiny_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.training]
-
 
 
 @pytest.fixture
@@ -27,47 +21,17 @@ def demo_server(tmp_path):
     """A tiny trained run named "Colour guesser", and the dashboard serving its runs folder on a free port."""
     import engine
 
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
     runs = tmp_path / "runs"
-    port = free_port()
-    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(runs), "TRANSFER_STUDIO_DATA": str(tmp_path / "appdata"),
+    environment = {"TRANSFER_STUDIO_RUNS": str(runs), "TRANSFER_STUDIO_DATA": str(tmp_path / "appdata"),
                    "TRANSFER_STUDIO_OFFLINE": "1"}
-    log = open(tmp_path / "streamlit.log", "w")
-    # The server starts while the run trains: it reads the runs folder only when a page is opened.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        data = make_dataset(tmp_path / "colours", classes=("birds", "cats", "dogs"), per_class=8, size=(64, 48))
-        # 96 px, so the last feature map has more than one cell for Grad-CAM to tell apart.
-        config = tiny_config(data, name="Colour guesser", **{"data.cache": "memory", "model.image_size": 96,
-                                                              "training.epochs": 10})
-        run_dir = engine.train_run(config, runs)
-        assert engine.read_status(run_dir).state is engine.State.FINISHED
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("the dashboard did not start: " + (tmp_path / "streamlit.log").read_text()[-2000:])
+    data = make_dataset(tmp_path / "colours", classes=("birds", "cats", "dogs"), per_class=8, size=(64, 48))
+    # 96 px, so the last feature map has more than one cell for Grad-CAM to tell apart.
+    config = tiny_config(data, name="Colour guesser", **{"data.cache": "memory", "model.image_size": 96,
+                                                          "training.epochs": 10})
+    run_dir = engine.train_run(config, runs)
+    assert engine.read_status(run_dir).state is engine.State.FINISHED
+    with serve_dashboard(tmp_path / "streamlit.log", environment) as url:
         yield url, run_dir
-    finally:
-        # The server and anything it started share its process group: end that group by its id.
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
@@ -80,19 +44,6 @@ def page():
         context = browser.new_context(viewport={"width": 1366, "height": 900}, permissions=["camera"])
         yield context.new_page()
         browser.close()
-
-
-def screenshot(page, path) -> None:
-    """The whole page once drawn: the script stopped, no placeholders, the viewport as tall as the main area."""
-    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60000)
-    page.wait_for_function("document.querySelectorAll('[data-testid=\"stSkeleton\"]').length === 0", timeout=30000)
-    page.wait_for_timeout(500)
-    # The main area scrolls inside the page, so a full-page shot needs a viewport that tall.
-    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 900")
-    page.set_viewport_size({"width": 1366, "height": max(900, min(int(height) + 100, 4000))})
-    page.wait_for_timeout(600)  # images and bars lay themselves out again for the new size
-    page.screenshot(path=str(path), full_page=True)
-    page.set_viewport_size({"width": 1366, "height": 900})
 
 
 def test_demo_mode_classifies_an_example_and_shows_where_the_model_looked(demo_server, page, tmp_path):
@@ -113,12 +64,12 @@ def test_demo_mode_classifies_an_example_and_shows_where_the_model_looked(demo_s
     assert all(percentages), bars.all_inner_texts()
     assert sum(int(found.group(1)) for found in percentages) in range(97, 104)  # rounded shares of one whole
     assert page.url.endswith(f"/demo?run={run_dir.name}")  # the address still names the run
-    screenshot(page, tmp_path / "demo-1-answer.png")
+    screenshot_whole_page(page, tmp_path / "demo-1-answer.png")
 
     sources_before = [image.get_attribute("src") for image in page.locator("[data-testid='stImage'] img").all()]
     page.get_by_text("Show where the model looked").click()
     expect(page.get_by_text("counted most for")).to_be_visible(timeout=60000)
-    screenshot(page, tmp_path / "demo-2-overlay.png")
+    screenshot_whole_page(page, tmp_path / "demo-2-overlay.png")
     sources_after = [image.get_attribute("src") for image in page.locator("[data-testid='stImage'] img").all()]
     # The overlay takes the photo's place: one picture changed, the gallery and the QR code did not.
     assert len(sources_after) == len(sources_before)
@@ -133,6 +84,6 @@ def test_demo_mode_classifies_an_example_and_shows_where_the_model_looked(demo_s
     expect(page.get_by_text("This example comes from")).to_have_count(0, timeout=60000)
     expect(answer).to_be_visible(timeout=60000)
     expect(bars).to_have_count(3, timeout=30000)
-    screenshot(page, tmp_path / "demo-3-camera.png")
+    screenshot_whole_page(page, tmp_path / "demo-3-camera.png")
     for name in ("demo-1-answer.png", "demo-2-overlay.png", "demo-3-camera.png"):
         assert (tmp_path / name).stat().st_size > 10_000
