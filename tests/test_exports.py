@@ -18,6 +18,9 @@ import pytest
 
 from tests.conftest import make_dataset, tiny_config
 
+REGISTRY_NAMES = ["EfficientNetLite0", "MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "VGG16",
+                  "ResNet50", "ResNet50V2", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
+                  "EfficientNetV2B0", "Xception", "InceptionV3", "DenseNet121", "ConvNeXtTiny"]
 FORMAT_CASES = [("savedmodel", "none"), ("tflite", "none"), ("tflite", "float16"), ("tflite", "int8"),
                 ("onnx", "none")]
 
@@ -371,14 +374,15 @@ def test_efficientnet_lite0_cats_vs_dogs_every_format_passes(shared_dir, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.training
-def test_which_registry_backbones_export_to_which_formats(tmp_path, monkeypatch):
-    """Every registry backbone with random weights at a small size: which formats convert and pass.
+@pytest.mark.parametrize("name", REGISTRY_NAMES)
+def test_which_registry_backbones_export_to_which_formats(name, tmp_path, monkeypatch):
+    """One registry backbone with random weights at a small size: which formats convert and pass.
 
-    Prints the table of docs/exports.md. An export may be refused only with a ValueError that
-    says what stopped it (ConvNeXt's grouped convolutions in ONNX, EfficientNetB0's Normalization
-    variables as ONNX inputs); float32 exports that convert must pass.
-    With random weights most backbones give the same output for every picture, so int8's
-    top-1 agreement is reported but not asserted here.
+    Prints its row of the table in docs/exports.md (`-k NAME` runs one backbone). An export may be
+    refused only with a ValueError that says what stopped it (ConvNeXt's grouped convolutions in
+    ONNX, EfficientNetB0's Normalization variables as ONNX inputs); float32 exports that convert
+    must pass. With random weights most backbones give the same output for every picture, so
+    int8's top-1 agreement is reported but not asserted here.
     """
     import engine
     from engine.backbones import BACKBONES
@@ -386,32 +390,33 @@ def test_which_registry_backbones_export_to_which_formats(tmp_path, monkeypatch)
 
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(tmp_path / "cache"))
     data = make_dataset(tmp_path / "data", per_class=10)
-    lines = ["| backbone | size | " + " | ".join(f"{f}-{q}" if q != "none" else f for f, q in FORMAT_CASES) + " |",
-             "|" + " --- |" * (2 + len(FORMAT_CASES))]
-    problems = []
-    for name, spec in BACKBONES.items():
-        size = max(32, spec.min_image_size)
-        config = tiny_config(data, **{"model.backbone": name, "model.alpha": spec.default_alpha,
-                                      "model.weights": "none", "model.image_size": size, "training.epochs": 1})
-        run_dir = engine.train_run(config, runs_dir=tmp_path / "runs")
-        cells = []
-        for format, quantize in FORMAT_CASES:
-            try:
-                parity = export_run(run_dir, format, quantize, sample_limit=50)
-            except (ValueError, RuntimeError) as error:
-                cells.append(f"no: {str(error)[:160]}")
-                # A refusal must name the op(s) it stopped at; anything else is a bug to fix.
-                if not isinstance(error, ValueError) or "cannot convert" not in str(error):
-                    problems.append(f"{name} {format}-{quantize}: {error}")
-                continue
-            verdict = "pass" if parity["passed"] else "FAIL"
-            cells.append(f"{verdict} ({parity['max_abs_difference']:.0e}, {parity['top1_agreement']:.0%})")
-            if quantize == "none" and not parity["passed"]:
-                problems.append(f"{name} {format}: {parity['max_abs_difference']}")
-        lines.append(f"| {name} | {size} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-    print("\n" + "\n".join(lines))
+    spec = BACKBONES[name]
+    size = max(32, spec.min_image_size)
+    config = tiny_config(data, **{"model.backbone": name, "model.alpha": spec.default_alpha,
+                                  "model.weights": "none", "model.image_size": size, "training.epochs": 1})
+    run_dir = engine.train_run(config, runs_dir=tmp_path / "runs")
+    cells, problems = [], []
+    for format, quantize in FORMAT_CASES:
+        try:
+            parity = export_run(run_dir, format, quantize, sample_limit=50)
+        except (ValueError, RuntimeError) as error:
+            cells.append(f"no: {str(error)[:160]}")
+            # A refusal must name the op(s) it stopped at; anything else is a bug to fix.
+            if not isinstance(error, ValueError) or "cannot convert" not in str(error):
+                problems.append(f"{name} {format}-{quantize}: {error}")
+            continue
+        verdict = "pass" if parity["passed"] else "FAIL"
+        cells.append(f"{verdict} ({parity['max_abs_difference']:.0e}, {parity['top1_agreement']:.0%})")
+        if quantize == "none" and not parity["passed"]:
+            problems.append(f"{name} {format}: {parity['max_abs_difference']}")
+    print(f"\n| {name} | {size} | " + " | ".join(cells) + " |", flush=True)
     assert not problems, problems
+
+
+def test_the_backbone_sweep_covers_the_whole_registry():
+    from engine.backbones import BACKBONES
+
+    assert REGISTRY_NAMES == list(BACKBONES), "update REGISTRY_NAMES (the export sweep's parameters)"
 
 
 def test_the_parity_table_shows_failed_exports_and_blanks():
