@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine import locations
+from engine import caches, locations
 from engine.data import (
     NESTED_FOLDER_RULE,
     DataError,
@@ -95,6 +95,8 @@ def check_dataset(
         DataError: the folder does not exist or is not a folder.
     """
     scan = scan or scan_dataset(root, cache_dir)
+    # The scan's cache entry (engine.data writes it) is used now: described and marked for the LRU.
+    caches.touch("scans", scan.fingerprint, cache_dir, dataset=scan.root)
     report = scan.report()
     errors: list[str] = []
     split_of: dict = {}
@@ -224,7 +226,11 @@ def file_hashes(
             atomic_write_json(cache_file, {"version": HASH_CACHE_VERSION, "files": {
                 path: {"stamp": stamps[path], **results[path]} for path in paths}})
         except OSError:
-            pass  # A read-only cache only costs hashing again next time.
+            return results  # A read-only cache only costs hashing again next time.
+        caches.touch("hashes", key, cache_dir, dataset=key_text or None)
+        caches.after_write("hashes", key, cache_dir)
+    else:
+        caches.touch("hashes", key, cache_dir, dataset=key_text or None)
     return results
 
 

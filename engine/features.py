@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine import locations
+from engine import caches, locations
 from engine.runfiles import atomic_write_json, process_tag, read_json, remove_orphaned_temporaries
 
 # 2: computed with batch norms folded into the convolutions (engine.folding).
@@ -32,6 +32,10 @@ FEATURE_CACHE_VERSION = 2
 # α=0.25 ran at 865 images/s with batches of 32, 790 with 128 and 738 with 256;
 # EfficientNet-Lite0 at 159, 159 and 157. On a CPU, larger batches bought nothing here.
 EXTRACTION_BATCH_AT_224 = 32
+# Feature cache key → what its entry is about (dataset, backbone, image size), filled by
+# `feature_cache_key` so the loader and saver, which get only the key, can describe the entry.
+# Facts about a key never change, so sharing them across threads is safe.
+_DESCRIPTIONS: dict[str, dict] = {}
 
 
 def extraction_batch_size(image_size: int) -> int:
@@ -76,7 +80,12 @@ def feature_cache_key(image_key: Optional[str], config, positions: list[int], vi
         parts["views"] = views
         parts["seed"] = config.training.seed
     text = json.dumps(parts, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+    # What the entry is about, recorded when it is saved or read (engine.caches lists by it and keeps a
+    # queued run's features): the dataset comes from the image cache entry the features are made from.
+    _DESCRIPTIONS[key] = {"dataset": caches.entry_description("images", image_key).get("dataset"),
+                          "backbone": model.backbone, "image_size": model.resolved_image_size}
+    return key
 
 
 def load_cached_features(key: Optional[str], cache_dir: Optional[str | os.PathLike] = None) -> Optional[np.ndarray]:
@@ -90,8 +99,11 @@ def load_cached_features(key: Optional[str], cache_dir: Optional[str | os.PathLi
     try:
         features = np.load(folder / f"{key}.npy")
     except (OSError, ValueError):
-        return None  # A damaged cache file only costs a recomputation.
-    return features if list(features.shape) == meta.get("shape") else None
+        return None  # A damaged or evicted cache file only costs a recomputation.
+    if list(features.shape) != meta.get("shape"):
+        return None
+    caches.touch("features", key, cache_dir, **_DESCRIPTIONS.get(key, {}))
+    return features
 
 
 def save_cached_features(key: Optional[str], features: np.ndarray,
@@ -109,7 +121,9 @@ def save_cached_features(key: Optional[str], features: np.ndarray,
         # The metadata is written last: a reader trusts the array only once it exists.
         atomic_write_json(folder / f"{key}.json", {"shape": list(features.shape), "dtype": str(features.dtype)})
     except OSError:
-        pass  # A read-only or full cache only costs a recomputation next time.
+        return  # A read-only or full cache only costs a recomputation next time.
+    caches.touch("features", key, cache_dir, **_DESCRIPTIONS.get(key, {}))
+    caches.after_write("features", key, cache_dir)
 
 
 def build_feature_extractor(model, fold: bool = True):

@@ -10,6 +10,7 @@ changes) sees the new value at once.
 | ------------------- | ----------------------------- | ------------------------------------ |
 | runs root           | `TRANSFER_STUDIO_RUNS`        | `./runs`                             |
 | cache root          | `TRANSFER_STUDIO_CACHE`       | `~/.cache/transfer-studio`           |
+| cache budget        | `TRANSFER_STUDIO_CACHE_BUDGET`| min(20 GB, half of free + cached)    |
 | app data folder     | `TRANSFER_STUDIO_DATA`        | `./data`                             |
 | extra data roots    | `TRANSFER_STUDIO_DATA_ROOTS`  | none (OS path separator between)     |
 | Keras home          | `KERAS_HOME`                  | `~/.keras` (as Keras decides)        |
@@ -31,6 +32,7 @@ from typing import Optional
 
 RUNS_VARIABLE = "TRANSFER_STUDIO_RUNS"
 CACHE_VARIABLE = "TRANSFER_STUDIO_CACHE"
+CACHE_BUDGET_VARIABLE = "TRANSFER_STUDIO_CACHE_BUDGET"
 DATA_VARIABLE = "TRANSFER_STUDIO_DATA"
 DATA_ROOTS_VARIABLE = "TRANSFER_STUDIO_DATA_ROOTS"
 KERAS_HOME_VARIABLE = "KERAS_HOME"
@@ -65,6 +67,15 @@ def cache_root() -> Path:
     deleted; it only costs recomputation.
     """
     return _environment_path(CACHE_VARIABLE) or Path(os.path.expanduser("~")) / ".cache" / "transfer-studio"
+
+
+def cache_budget_setting() -> Optional[str]:
+    """The cache budget as the operator wrote it in `$TRANSFER_STUDIO_CACHE_BUDGET` ("20GB", "25%"), or None.
+
+    `engine.caches.budget_bytes` reads it, and says what the default is and why.
+    """
+    value = os.environ.get(CACHE_BUDGET_VARIABLE, "").strip()
+    return value or None
 
 
 def cache_folder(kind: str, cache_dir: Optional[str | os.PathLike] = None) -> Path:

@@ -14,11 +14,12 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from engine import locations
+from engine import caches, locations
 from engine.data import DatasetScan, check_all, fingerprint_files, scan_dataset
 from engine.images import inspect_image, load_rgb
 from engine.runfiles import (atomic_write_json, fault_point, process_tag, read_json,
@@ -60,6 +61,7 @@ def build_image_cache(
     progress: Optional[Callable[[int, int], None]] = None,
     workers: Optional[int] = None,
     check: bool = False,
+    dataset: Optional[str] = None,
 ) -> ImageCache:
     """Decodes every file once, in parallel, into a (N, size, size, 3) uint8 array.
 
@@ -70,6 +72,9 @@ def build_image_cache(
     Args:
         check: Also check every file as the scan does, in the same decode, and return the
             checks in `ImageCache.checks` (None when the images came from the disk cache).
+        dataset: The dataset folder the files come from, recorded with the cache entry so
+            the cache can be listed by dataset and a queued run's images are not evicted;
+            by default the files' common folder.
     """
     if cache == "disk":
         folder = locations.cache_folder("images", cache_dir)
@@ -77,11 +82,18 @@ def build_image_cache(
         array_path = folder / f"{key}.npy"
         meta_path = folder / f"{key}.json"
         meta = read_json(meta_path)
+        about = {"dataset": dataset or _common_folder(paths), "image_size": image_size}
         if array_path.is_file() and meta and meta.get("count") == len(paths):
-            images = np.load(array_path, mmap_mode="r")
-            if progress:
-                progress(len(paths), len(paths))
-            return ImageCache(images, {int(index): reason for index, reason in meta.get("failed", {}).items()}, key)
+            try:
+                images = np.load(array_path, mmap_mode="r")
+            except (OSError, ValueError):
+                images = None  # evicted (or damaged) since it was found: decoded again below
+            if images is not None:
+                caches.touch("images", key, cache_dir, **about)
+                if progress:
+                    progress(len(paths), len(paths))
+                return ImageCache(images, {int(index): reason for index, reason in meta.get("failed", {}).items()},
+                                  key)
         folder.mkdir(parents=True, exist_ok=True)
         remove_orphaned_temporaries(folder, f".{key}.")
         temporary_path = folder / f".{key}.{process_tag()}.npy.tmp"
@@ -104,10 +116,22 @@ def build_image_cache(
                 temporary_path.unlink()
         atomic_write_json(meta_path, {"count": len(paths), "image_size": image_size,
                                       "failed": {str(index): reason for index, reason in failed.items()}})
-        return ImageCache(np.load(array_path, mmap_mode="r"), failed, key, checks)
+        images = np.load(array_path, mmap_mode="r")
+        caches.touch("images", key, cache_dir, **about)
+        # Mapped before trimming: even if this entry had to go, the mapping stays readable.
+        caches.after_write("images", key, cache_dir)
+        return ImageCache(images, failed, key, checks)
     images = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
     failed, checks = _decode_into(images, paths, image_size, progress, workers, check)
     return ImageCache(images, failed, checks=checks)
+
+
+def _common_folder(paths: list[str]) -> Optional[str]:
+    """The deepest folder holding every path (the dataset folder of a split), or None."""
+    try:
+        return os.path.commonpath([os.path.dirname(path) for path in paths]) if paths else None
+    except ValueError:
+        return None  # relative and absolute paths mixed, or different drives
 
 
 def _decode_into(images, paths, image_size, progress, workers, check=False) -> tuple[dict[int, str], Optional[list]]:
@@ -167,14 +191,17 @@ def scan_and_decode(
 
     def check_and_decode(paths):
         decoded["cache"] = build_image_cache(paths, image_size, cache=cache, cache_dir=cache_dir,
-                                             progress=progress, check=True)
+                                             progress=progress, check=True,
+                                             dataset=str(Path(root).expanduser().resolve()))
         # Images already on disk from an earlier run but no scan result: check without decoding them.
         return decoded["cache"].checks or check_all(paths, progress)
 
     scan = scan_dataset(root, cache_dir, progress, check_files=check_and_decode)
+    # The scan's cache entry (engine.data writes it) is used now: described and marked for the LRU.
+    caches.touch("scans", scan.fingerprint, cache_dir, dataset=scan.root)
     if "cache" not in decoded:
         decoded["cache"] = build_image_cache(scan.candidates, image_size, cache=cache, cache_dir=cache_dir,
-                                             progress=progress)
+                                             progress=progress, dataset=scan.root)
     return scan, decoded["cache"]
 
 
