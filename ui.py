@@ -46,6 +46,16 @@ def run_label(run: RunStatus, show_state: bool = True) -> str:
     return f"{title} · {run.backbone} · {owner_label(run)}"
 
 
+def short_name(run: RunStatus) -> str:
+    """A run's name, or for an unnamed run its backbone and start time ("MobileNet · 11-30 15:04")."""
+    if run.name:
+        return run.name
+    stamp = run.run_id[:13]  # YYYYMMDD-HHMM of the id
+    if len(stamp) == 13 and stamp[8] == "-":
+        return f"{run.backbone} · {stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}"
+    return run.run_id
+
+
 def permission_note(user: User, run: RunStatus) -> str:
     """Why the run's controls are off for this user, or "" when they may control it."""
     if user.can_control(run.owner):

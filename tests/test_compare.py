@@ -5,6 +5,7 @@ import json
 import pytest
 
 from engine import runfiles
+from tests.conftest import make_dataset, open_page, tiny_config
 from engine.compare import (image_diff, mcnemar_exact_p_value, results_side_by_side, settings_that_differ,
                             verdict)
 
@@ -120,3 +121,54 @@ def test_only_the_settings_that_differ_are_listed_and_results_sit_side_by_side(t
     assert list(differ.iloc[0][["first", "second"]]) == [0.003, 0.001]
     table = results_side_by_side([first, second])
     assert list(table["accuracy"]) == [0.9, 0.8] and list(table["F1 cats"]) == [0.9, 0.8]
+
+
+@pytest.fixture(scope="module")
+def two_trained_runs(tmp_path_factory):
+    """Two tiny runs on the same images that differ in learning rate and epochs."""
+    from engine import train_run
+
+    base = tmp_path_factory.mktemp("compare")
+    data = make_dataset(base / "data", per_class=12)
+    runs = base / "runs"
+    first = train_run(tiny_config(data, name="slow learner", **{"data.cache": "memory", "training.learning_rate": 1e-4,
+                                                                "training.epochs": 1}), runs)
+    second = train_run(tiny_config(data, name="fast learner", **{"data.cache": "memory", "training.epochs": 3}), runs)
+    return first, second
+
+
+@pytest.mark.training
+def test_the_compare_page_shows_what_differs_the_results_and_the_image_diff(app_environment, two_trained_runs,
+                                                                             monkeypatch):
+    first, second = two_trained_runs
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(first.parent))
+    app = open_page("app_pages/compare.py")
+    assert not app.exception, app.exception
+    assert set(app.multiselect(key="compare_runs").value) == {str(first), str(second)}
+    differ = next(table.value for table in app.dataframe if "setting" in table.value.columns)
+    assert set(differ["setting"]) == {"training.learning_rate", "training.epochs"}
+    results = next(table.value for table in app.dataframe if "macro F1" in table.value.columns)
+    assert set(results["run"]) == {"slow learner", "fast learner"}
+    assert len(app.get("plotly_chart")) == 2
+    # The verdict and the four counts match the engine's diff of the same two runs on the same images.
+    chosen_a = app.selectbox(key="compare_a").value
+    chosen_b = app.selectbox(key="compare_b").value
+    diff = image_diff(chosen_a, chosen_b)
+    names = {str(first): "slow learner", str(second): "fast learner"}
+    assert any(verdict(diff, names[chosen_a], names[chosen_b]) in text.value for text in app.markdown)
+    counts = {metric.label: metric.value for metric in app.metric}
+    assert counts["Both right"] == str(diff.both_right)
+    assert counts["Only A right"] == str(len(diff.a_right_b_wrong))
+    assert sorted(app.query_params["compare"]) == sorted([first.name, second.name])  # a link reopens the choice
+
+
+@pytest.mark.training
+def test_one_run_is_not_enough_to_compare(app_environment, two_trained_runs, monkeypatch, tmp_path):
+    import shutil
+
+    lone = tmp_path / "runs"
+    shutil.copytree(two_trained_runs[0], lone / two_trained_runs[0].name)
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(lone))
+    app = open_page("app_pages/compare.py")
+    assert not app.exception, app.exception
+    assert any("needs two evaluated runs" in info.value for info in app.info)
