@@ -687,6 +687,48 @@ def test_data_page_doctor_shows_duplicates_and_leakage_once_opened(tmp_path, mon
     assert len(app.expander[-1].get("image")) >= 4  # the first pairs, side by side
 
 
+def test_data_page_reruns_never_scan_list_or_hash_again(tmp_path, monkeypatch):
+    """Issue 15: widget reruns on a large folder reuse the cached scan, fingerprint and hashes; the grid is
+    paginated; a file added to the folder is noticed; the page shows the caches' size."""
+    import engine.data
+
+    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(tmp_path / "appdata"))
+    root = make_dataset(tmp_path / "appdata" / "many", per_class=30)
+    calls = {"check": 0, "list": 0, "hash": 0}
+
+    def counted(name, real):
+        def call(first, *arguments, **keywords):
+            # Only calls about this folder count (the page first opens on the built-in sample).
+            if str(root) in str(first[0] if isinstance(first, list) and first else first):
+                calls[name] += 1
+            return real(first, *arguments, **keywords)
+        return call
+
+    monkeypatch.setattr(engine.data, "check_all", counted("check", engine.data.check_all))
+    monkeypatch.setattr(engine.data, "list_candidate_files", counted("list", engine.data.list_candidate_files))
+    monkeypatch.setattr(engine.doctor, "_hash_file", counted("hash", engine.doctor._hash_file))
+    app = open_folder_on_data_page(root)
+    assert not app.exception, app.exception
+    assert calls["check"] == 1 and calls["hash"] == 0
+    app.session_state["doctor"] = True
+    app.run()
+    assert calls["hash"] == 60 and calls["check"] == 1
+    before = dict(calls)
+    app.number_input(key="grid_page").set_value(3).run()  # the grid's last page
+    app.selectbox(key="grid_class").set_value("dogs").run()
+    app.slider(key="field.data.validation_fraction").set_value(0.2).run()
+    app.run()
+    assert not app.exception, app.exception
+    assert calls == before, f"reruns scanned, listed or hashed again: {before} → {calls}"
+    assert app.number_input(key="grid_page").label == "Page (of 3)"  # 30 images, 12 a page
+    assert any("Caches (scans, decoded images, features, hashes):" in caption.value and "budget" in caption.value
+               for caption in app.caption)
+    write_image(root / "dogs" / "new_dog.png", (40, 60, 220), noise_seed=4242)
+    app.run()
+    assert {metric.label: metric.value for metric in app.metric}["Usable images"] == "61"
+    assert calls["check"] == before["check"] + 1
+
+
 # --- one real training run on the mixed corpus ----------------------------------------------------------------
 
 
