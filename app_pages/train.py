@@ -5,6 +5,7 @@ import streamlit as st
 from engine import jobs
 from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
 from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_dotted, settings, with_offline_backbone
+from engine.executors import where_runs_execute
 from engine.ingest import resolve_in_roots
 from engine.locations import data_roots, presets_dir
 from signin import page_user
@@ -213,6 +214,10 @@ def draw_form(disabled: bool = False) -> bool:
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
 st.title("Train")
+try:
+    st.caption(where_runs_execute())
+except ValueError as error:  # the server's executor settings are wrong: say so before anyone starts a run
+    st.error(str(error))
 all_presets = presets()
 if "dataset_path" not in st.session_state:
     from engine.samples import ensure_sample
@@ -259,7 +264,7 @@ if draw_form(disabled=not user.can_start):
         st.rerun()
     try:
         run_id = jobs.start(config, runs_root(), user=user, limits=access_limits(), source="page")
-    except (PermissionError, jobs.QuotaExceeded) as error:
+    except (PermissionError, ValueError) as error:  # ValueError: a quota, or the server's executor settings
         st.error(str(error))
         st.stop()
     st.session_state["current_run"] = run_id

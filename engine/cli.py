@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from engine.backbones import BACKBONES  # noqa: E402
 from engine.config import RunConfig, add_arguments, overrides_from_arguments, set_dotted  # noqa: E402
+from engine.executors import EXECUTOR_NAMES  # noqa: E402
 
 TRAIN_HELP = {"data.path": "a folder of class subfolders, sample:NAME (sample:digits, sample:cats_vs_dogs) or "
                       "tfds:NAME (a TensorFlow Datasets image-classification dataset, e.g. tfds:beans)"}
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start through the queue in a background process and print the run id")
     train.add_argument("--max-concurrent", type=int, default=None,
                        help="with --detach: how many runs may train at once in this runs folder")
+    train.add_argument("--executor", choices=EXECUTOR_NAMES, default=None,
+                       help="with --detach: where the run executes, on this machine (local) or on the Ray "
+                            "cluster at $RAY_ADDRESS (ray); default $TRANSFER_STUDIO_EXECUTOR, else local")
 
     for name, text in (("stop", "ask a run to stop: it finishes its batch, saves and evaluates"),
                        ("kill", "end a run's worker at once (the hard fallback to stop)"),
@@ -54,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         control = commands.add_parser(name, help=text)
         control.add_argument("run", help="run folder or run id")
         control.add_argument("--runs-dir")
+        if name == "resume":
+            control.add_argument("--executor", choices=EXECUTOR_NAMES, default=None,
+                                 help="continue on this executor (local, or ray at $RAY_ADDRESS); default: the "
+                                      "one the run had")
 
     rename = commands.add_parser("rename", help="give a run a new name (its id stays)")
     rename.add_argument("run", help="run folder or run id")
@@ -189,12 +197,20 @@ def command_train(arguments) -> int:
     config = config_from_arguments(arguments)
     if not Path(config.data.path).expanduser().is_dir():
         raise CommandError(f"Data folder {config.data.path!r} does not exist or is not a folder.")
+    if arguments.executor is not None and not arguments.detach:
+        raise CommandError(f"--executor {arguments.executor} starts the run through the queue: add --detach "
+                           "(without it, train runs in this process).")
     if arguments.detach:
         from engine import jobs
 
         if arguments.max_concurrent is not None:
             jobs.set_max_concurrent(arguments.max_concurrent, arguments.runs_dir, source="cli")
-        print(jobs.start(config, arguments.runs_dir, source="cli"), flush=True)
+        run_id = jobs.start(config, arguments.runs_dir, source="cli", executor=arguments.executor)
+        print(run_id, flush=True)
+        from engine.runs import resolve_run
+        from engine.status import read_status
+
+        _refuse_failed_launch(read_status(resolve_run(run_id, arguments.runs_dir)))
         return 0
     run_dir = create_run(config, arguments.runs_dir)
     from engine import audit
@@ -436,10 +452,23 @@ def format_check_report(report: dict) -> str:
 def command_control(arguments) -> int:
     from engine import jobs
 
-    action = {"stop": jobs.stop, "kill": jobs.kill, "resume": jobs.resume}[arguments.command]
-    status = action(arguments.run, arguments.runs_dir, source="cli")
+    if arguments.command == "resume":
+        status = jobs.resume(arguments.run, arguments.runs_dir, source="cli", executor=arguments.executor)
+        _refuse_failed_launch(status)
+    else:
+        action = {"stop": jobs.stop, "kill": jobs.kill}[arguments.command]
+        status = action(arguments.run, arguments.runs_dir, source="cli")
     print(f"{status.state.value}: {status.message}")
     return 0
+
+
+def _refuse_failed_launch(status) -> None:
+    """A run that failed as it was launched (its executor refused it, a Ray cluster that does not
+    answer) is an error of the command that launched it, not a quiet line."""
+    from engine.status import State
+
+    if status.state is State.FAILED:
+        raise CommandError(f"Run {status.run_id}: {status.message}")
 
 
 def command_rename(arguments) -> int:
@@ -490,16 +519,43 @@ def command_audit(arguments) -> int:
 
 
 def command_worker(arguments) -> int:
-    from engine.executors import LAUNCH_VARIABLE
+    from engine.executors import LAUNCH_VARIABLE, RAY_JOB_VARIABLE
     from engine.status import State
     from engine.train import run_training
 
     run_dir = Path(arguments.run_dir)
     if not (run_dir / "config.json").is_file():
         raise CommandError(f"{run_dir} is not a run folder (no config.json).")
-    # Started by our supervisor: adopt its launch. Started directly (by another scheduler): a launch of its own.
-    state = run_training(run_dir, launch_id=os.environ.get(LAUNCH_VARIABLE) or None)
+    launch_id = os.environ.get(LAUNCH_VARIABLE) or None
+    ray_address = os.environ.get(RAY_JOB_VARIABLE)
+    if ray_address:
+        from engine.ray_executor import watch_job_supervisor
+
+        # Fate-sharing with the Ray job: a worker whose cluster went away ends and says so.
+        watch_job_supervisor(run_dir, launch_id, ray_address)
+    # Started by our supervisor or the Ray executor: adopt its launch. Started directly (by another
+    # scheduler): a launch of its own.
+    state = run_training(run_dir, launch_id=launch_id)
+    if ray_address:
+        _schedule_after_ray_job(run_dir)
     return 0 if state in (State.FINISHED, State.STOPPED) else 1
+
+
+def _schedule_after_ray_job(run_dir: Path) -> None:
+    """Starts the next queued run, as the local supervisor does when its worker ends.
+
+    On a Ray cluster there is no supervisor of ours: the worker's own job moves the queue on.
+    A failure here must not change how the run ended, so it is only logged.
+    """
+    import logging
+    import traceback
+
+    from engine import jobs
+
+    try:
+        jobs.schedule(run_dir.parent)
+    except Exception:  # noqa: BLE001 - the run is over; the next call of schedule will try again
+        logging.getLogger("engine").warning("Could not start the next queued run:\n%s", traceback.format_exc())
 
 
 def command_supervise(arguments) -> int:

@@ -2,9 +2,14 @@
 
 An executor takes a run the queue has launched (its status `running`, stage `starting`,
 with a fresh `launch_id`) and runs `python -m engine worker RUN_DIR` for it somewhere.
-`engine.jobs` (the queue, and the calls users make) talks only to this interface, so a
-Ray executor, per-user permissions and the pages can change without touching each other
-or `engine/train.py`.
+`engine.jobs` (the queue, and the calls users make) talks only to this interface, so the
+Ray executor (`engine.ray_executor`), per-user permissions and the pages can change without
+touching each other or `engine/train.py`.
+
+Which executor runs a run is chosen when the run is created (`TRANSFER_STUDIO_EXECUTOR`,
+`RAY_ADDRESS`, or the command line's `--executor`) and recorded in its folder
+(`executor.json`), so that every later call on that run (state, stop, kill, logs) goes to
+the executor that runs it, whatever the server's default has become since.
 
 The local executor starts a small supervisor, `python -m engine supervise RUN_DIR`, in
 a session of its own, so closing a tab, reloading a page or restarting the Streamlit
@@ -27,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -38,6 +44,9 @@ LOCK_FILE = "worker.lock"
 # and this is the launch the worker must adopt.
 LOCK_INHERITED_VARIABLE = "TRANSFER_STUDIO_LOCK_INHERITED"
 LAUNCH_VARIABLE = "TRANSFER_STUDIO_LAUNCH_ID"
+# Set by the Ray executor for the worker it submits (the cluster's address): the worker then
+# fate-shares with its Ray job and moves the queue on when it ends (engine.cli, command_worker).
+RAY_JOB_VARIABLE = "TRANSFER_STUDIO_RAY_JOB"
 
 
 class WorkerBusy(ValueError):
@@ -66,8 +75,12 @@ def worker_lock(run_dir: str | os.PathLike):
 # A launched supervisor takes well under a second to take its lock; this is the grace
 # period before a launched run whose lock is free is judged dead.
 START_GRACE_SECONDS = 20.0
-# Runs on another machine (shared runs folder) are judged by their heartbeat alone.
-REMOTE_HEARTBEAT_TIMEOUT_SECONDS = 8.0
+# Runs on another machine (a shared runs folder, a Ray cluster) are judged by their heartbeat
+# when nothing else answers. NFS caches file attributes for up to 60 s by default (`acregmax`),
+# so a heartbeat seen from another machine may be that old while the worker is well: the
+# tolerance is $TRANSFER_STUDIO_REMOTE_HEARTBEAT_SECONDS, 90 s unless set.
+REMOTE_HEARTBEAT_VARIABLE = "TRANSFER_STUDIO_REMOTE_HEARTBEAT_SECONDS"
+REMOTE_HEARTBEAT_TIMEOUT_SECONDS = 90.0
 ENGINE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
@@ -92,9 +105,32 @@ class Executor(Protocol):
         """The last lines of the worker's log."""
 
 
+def remote_heartbeat_seconds() -> float:
+    """How long a run on another machine may go without a visible heartbeat before it is judged dead.
+
+    `$TRANSFER_STUDIO_REMOTE_HEARTBEAT_SECONDS`, else REMOTE_HEARTBEAT_TIMEOUT_SECONDS (90 s).
+
+    Raises:
+        ValueError: the variable is set to something that is not a number of seconds > 0.
+    """
+    value = os.environ.get(REMOTE_HEARTBEAT_VARIABLE, "").strip()
+    if not value:
+        return REMOTE_HEARTBEAT_TIMEOUT_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{REMOTE_HEARTBEAT_VARIABLE} must be a number of seconds > 0 (90 or more on NFS); "
+                         f"received {value!r}.")
+    return seconds
+
+
 def child_environment() -> dict:
     """This process's environment, with the engine importable whatever the child's working folder."""
     environment = dict(os.environ)
+    # A local run launched by a Ray job's worker (the queue moving on) is not itself a Ray job.
+    environment.pop(RAY_JOB_VARIABLE, None)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [ENGINE_PARENT, environment.get("PYTHONPATH")]))
     return environment
 
@@ -121,7 +157,7 @@ class LocalExecutor:
             return status
         if status.host not in (None, socket.gethostname()):
             age = time.time() - (status.heartbeat or 0.0)
-            if age <= REMOTE_HEARTBEAT_TIMEOUT_SECONDS:
+            if age <= remote_heartbeat_seconds():
                 return status
             return mark_dead(run_dir, status, f"No heartbeat from host {status.host} for {age:.0f} s.")
         if lock_is_held(run_dir):
@@ -265,6 +301,94 @@ def launch_detached_supervisor(run_dir: str | os.PathLike) -> None:
     )
 
 
-def executor_for(runs_dir: Optional[str | os.PathLike] = None) -> Executor:
-    """The executor runs of this runs root go to (the local one, until a Ray executor exists)."""
+EXECUTOR_FILE = "executor.json"
+EXECUTOR_VARIABLE = "TRANSFER_STUDIO_EXECUTOR"
+# Ray's own convention for where its cluster is; for the Jobs API it is the dashboard's address.
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
+EXECUTOR_NAMES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorChoice:
+    """Which executor runs a run: `local`, or `ray` with the cluster's dashboard address."""
+
+    name: str = "local"
+    address: Optional[str] = None
+
+    def describe(self) -> str:
+        """Where runs go, in words (the Train page and the command line show it)."""
+        if self.name == "ray":
+            return f"on the Ray cluster at {self.address} (Ray executor)"
+        return f"on this machine, {socket.gethostname()} (local executor)"
+
+
+def _ray_address() -> str:
+    """`$RAY_ADDRESS` as the Jobs API needs it: the dashboard's http(s) address."""
+    address = os.environ.get(RAY_ADDRESS_VARIABLE, "").strip().rstrip("/")
+    if not address.startswith(("http://", "https://")):
+        received = f"received {RAY_ADDRESS_VARIABLE}={address!r}" if address else f"{RAY_ADDRESS_VARIABLE} is not set"
+        raise ValueError(f"The Ray executor needs {RAY_ADDRESS_VARIABLE} set to the Ray cluster's dashboard "
+                         f"address, e.g. {RAY_ADDRESS_VARIABLE}=http://HOST:8265 (Ray's Jobs API, not the "
+                         f"ray:// client address nor the GCS port 6379); {received}.")
+    return address
+
+
+def executor_choice(name: Optional[str] = None) -> ExecutorChoice:
+    """The executor that new runs go to: `name` if given, else the server's default.
+
+    The default is `$TRANSFER_STUDIO_EXECUTOR` (`local` or `ray`), else `local`. The Ray
+    executor takes the cluster's address from `$RAY_ADDRESS` (`http://HOST:8265`). The
+    environment, not the dashboard's secrets file, decides, because the command line, the
+    supervisors and the workers that move the queue on read it too.
+
+    Raises:
+        ValueError: an unknown name, or `ray` without a usable `$RAY_ADDRESS`.
+    """
+    source = "--executor" if name is not None else EXECUTOR_VARIABLE
+    chosen = (name if name is not None else os.environ.get(EXECUTOR_VARIABLE, "")).strip().lower() or "local"
+    if chosen not in EXECUTOR_NAMES:
+        raise ValueError(f"{source} must be one of {', '.join(EXECUTOR_NAMES)}; received {chosen!r}.")
+    if chosen == "ray":
+        return ExecutorChoice("ray", _ray_address())
+    return ExecutorChoice("local")
+
+
+def record_executor(run_dir: str | os.PathLike, choice: ExecutorChoice) -> None:
+    """Writes which executor runs this run into its folder (`executor.json`); the only writer of that file."""
+    data = {"executor": choice.name}
+    if choice.address:
+        data["address"] = choice.address
+    runfiles.atomic_write_json(Path(run_dir) / EXECUTOR_FILE, data)
+
+
+def recorded_executor(run_dir: str | os.PathLike) -> ExecutorChoice:
+    """The executor recorded for a run; `local` for runs without a record (made before it existed)."""
+    data = runfiles.read_json(Path(run_dir) / EXECUTOR_FILE)
+    if isinstance(data, dict) and data.get("executor") == "ray" and isinstance(data.get("address"), str):
+        return ExecutorChoice("ray", data["address"])
+    return ExecutorChoice("local")
+
+
+def build_executor(choice: ExecutorChoice) -> Executor:
+    """The executor object for a choice (the Ray one is imported only when a run uses it)."""
+    if choice.name == "ray":
+        from engine.ray_executor import RayExecutor
+
+        return RayExecutor(choice.address)
     return LocalExecutor()
+
+
+def where_runs_execute() -> str:
+    """Where a run started now would execute, in one sentence (the Train page shows it).
+
+    Raises:
+        ValueError: the server's executor settings are wrong (the message says how to fix them).
+    """
+    return f"Runs started here execute {executor_choice().describe()}."
+
+
+def executor_for(path: Optional[str | os.PathLike] = None) -> Executor:
+    """The executor of a run folder (as recorded in it), or for a runs root the server's default."""
+    if path is not None and (Path(path) / runfiles.CONFIG_FILE).is_file():
+        return build_executor(recorded_executor(path))
+    return build_executor(executor_choice())

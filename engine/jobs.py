@@ -27,7 +27,8 @@ from typing import Iterable, Optional
 
 from engine import audit, runfiles
 from engine.config import RunConfig
-from engine.executors import START_GRACE_SECONDS, executor_for, lock_is_held
+from engine.executors import (START_GRACE_SECONDS, executor_choice, executor_for, lock_is_held,
+                              record_executor)
 from engine.runs import create_run, default_runs_dir, resolve_run, run_folders
 from engine.status import (FINAL_STATES, IllegalTransition, RunStatus, Stage, State, edit_summary, new_launch_id,
                            now_iso, read_status, set_priority, transition)
@@ -118,7 +119,7 @@ def set_max_concurrent(count: int, runs_dir: Optional[str | os.PathLike] = None,
 
 
 def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user: Optional[User] = None,
-          limits: Optional[AccessSettings] = None, source: str = "python") -> str:
+          limits: Optional[AccessSettings] = None, source: str = "python", executor: Optional[str] = None) -> str:
     """Creates a queued run owned by `user` and lets the queue start it when a slot is free.
 
     Args:
@@ -127,6 +128,8 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
         user: Who starts it (default: the local user).
         limits: The server's per-user limits (`max_queued_per_user`), if any.
         source: Where the call comes from, for the audit log.
+        executor: `local` or `ray`; None for the server's default (`engine.executors.executor_choice`).
+            Recorded in the run folder: the run stays with it.
 
     Returns:
         The run id.
@@ -134,10 +137,12 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
     Raises:
         PermissionError: a viewer.
         QuotaExceeded: the user already has as many runs waiting as the server allows.
+        ValueError: an unknown executor, or the Ray executor without a usable `RAY_ADDRESS`.
     """
     user = _acting(user)
     if not user.can_start:
         raise PermissionError(f"{user.name} is a viewer: viewers see runs but cannot start them.")
+    choice = executor_choice(executor)
     root = Path(runs_dir or default_runs_dir())
     # Counting and creating under one lock: two tabs starting at once cannot both slip under the limit.
     with _queue_lock(root):
@@ -145,6 +150,7 @@ def start(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, user:
             _update_queue_settings(root, max_running_per_user=limits.max_running_per_user)
         _check_queued_quota(root, user, limits)
         run_dir = create_run(config, root, owner=user)
+        record_executor(run_dir, choice)
         audit.record(root, user, "start", run_dir.name, source)
     schedule(root)
     return run_dir.name
@@ -173,7 +179,7 @@ def reconcile(run_dir: str | os.PathLike) -> RunStatus:
     The one place liveness is decided; readers (`read_status`, `list_runs`) never do it.
     """
     run_dir = Path(run_dir)
-    return executor_for(run_dir.parent).state(run_dir)
+    return executor_for(run_dir).state(run_dir)
 
 
 def reconcile_stale(runs: Iterable[RunStatus], runs_dir: Optional[str | os.PathLike] = None) -> bool:
@@ -262,7 +268,7 @@ def _launch(run_dir: Path) -> bool:
     except IllegalTransition:
         return False  # Stopped or launched by another process since it was read.
     try:
-        executor_for(run_dir.parent).submit(run_dir)
+        executor_for(run_dir).submit(run_dir)
     except Exception as error:  # noqa: BLE001 - a launch that cannot start must not leave the run running
         message = f"The run could not be started: {' '.join(str(error).split()) or type(error).__name__}."
         # Only this launch, and only while no worker holds it: one that did start ends its launch itself.
@@ -297,7 +303,7 @@ def stop(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
             status = read_status(run_dir)
     if status.state is State.RUNNING:
         # Only what was done is recorded: stopping an ended run changes nothing and is not logged.
-        executor_for(run_dir.parent).stop(run_dir)
+        executor_for(run_dir).stop(run_dir)
         audit.record(run_dir.parent, user, "stop", run_dir.name, source)
     return status
 
@@ -316,7 +322,7 @@ def kill(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
         return stop(run, runs_dir, user, source)
     if status.state is not State.RUNNING:
         return status
-    executor_for(run_dir.parent).kill(run_dir)
+    executor_for(run_dir).kill(run_dir)
     audit.record(run_dir.parent, user, "kill", run_dir.name, source)
     # The supervisor records the kill; wait briefly so the caller sees the final state.
     deadline = time.time() + 10
@@ -329,17 +335,21 @@ def kill(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[
 
 
 def resume(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optional[User] = None,
-           source: str = "python", limits: Optional[AccessSettings] = None) -> RunStatus:
+           source: str = "python", limits: Optional[AccessSettings] = None,
+           executor: Optional[str] = None) -> RunStatus:
     """Queues a stopped or failed run to continue from its last completed epoch.
 
     The old worker's pid and launch are cleared at once, so nothing shows them as live.
+    `executor` (`local` or `ray`) moves the run to that executor; None keeps the one it has.
 
     Raises:
         PermissionError: the user neither owns the run nor is an admin.
-        ValueError: the run is not stopped or failed, or its processes are still ending.
+        ValueError: the run is not stopped or failed, or its processes are still ending; an
+            unknown executor, or the Ray executor without a usable `RAY_ADDRESS`.
     """
     run_dir = resolve_run(run, runs_dir)
     user = authorize(user, read_status(run_dir), "resume")
+    choice = executor_choice(executor) if executor is not None else None
     # A run that just stopped may still have its supervisor finishing up; let it end first.
     deadline = time.time() + START_GRACE_SECONDS
     while lock_is_held(run_dir) and read_status(run_dir).state in FINAL_STATES and time.time() < deadline:
@@ -356,6 +366,8 @@ def resume(run: str, runs_dir: Optional[str | os.PathLike] = None, user: Optiona
         for name in (runfiles.STOP_REQUEST_FILE, runfiles.KILL_REQUEST_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
+        if choice is not None:
+            record_executor(run_dir, choice)
         transition(run_dir, State.QUEUED, stage=Stage.QUEUED, message="Waiting to resume.",
                    expected={State.STOPPED, State.FAILED}, queued_at=time.time(), resumed=status.resumed + 1,
                    error=None, pid=None, launch_id=None, eta_seconds=None, finished=None)
@@ -472,4 +484,4 @@ def wait_for(run: str, states: Iterable[State] = FINAL_STATES, timeout: float = 
 def logs(run: str, runs_dir: Optional[str | os.PathLike] = None, lines: int = 40) -> str:
     """The last lines of a run's worker log, from its executor."""
     run_dir = resolve_run(run, runs_dir)
-    return executor_for(run_dir.parent).logs(run_dir, lines)
+    return executor_for(run_dir).logs(run_dir, lines)
