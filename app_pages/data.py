@@ -175,10 +175,24 @@ def choose_tfds_dataset() -> None:
             bar.empty()
 
 
-def show_balance(report: dict) -> None:
-    counts = pd.DataFrame({"class": list(report["class_counts"]), "images": list(report["class_counts"].values())})
-    figure = px.bar(counts, x="class", y="images", text="images", title="Images per class")
-    figure.update_layout(height=320, margin=dict(t=40, b=10))
+@st.cache_resource(max_entries=8, show_spinner=False)
+def cached_figures(path: str, fingerprint: str, decisions: str, _report: dict, _files: pd.DataFrame) -> tuple:
+    """The class-balance bars and the image-size scatter of one scan (0.25 s to build at 30,000 images), built once.
+
+    The figures are only read afterwards (drawn), so every session may share them.
+    """
+    counts = pd.DataFrame({"class": list(_report["class_counts"]), "images": list(_report["class_counts"].values())})
+    balance = px.bar(counts, x="class", y="images", text="images", title="Images per class")
+    balance.update_layout(height=320, margin=dict(t=40, b=10))
+    if _files.empty:
+        return balance, None
+    sample = _files.sample(min(len(_files), 3000), random_state=0)
+    sizes = px.scatter(sample, x="width", y="height", color="label", opacity=0.6, title="Image sizes (pixels)")
+    sizes.update_layout(height=320, margin=dict(t=40, b=10))
+    return balance, sizes
+
+
+def show_balance(figure) -> None:
     # No advice here: the scan's own imbalance warning (engine.data) is shown with the other warnings.
     st.plotly_chart(figure, key="balance")
 
@@ -231,13 +245,9 @@ def show_grid(files: pd.DataFrame, classes: list) -> None:
             st.image(thumbnail(row.path), caption=printable(Path(row.path).name))
 
 
-def show_sizes(files: pd.DataFrame) -> None:
-    if files.empty:
-        return
-    sample = files.sample(min(len(files), 3000), random_state=0)
-    figure = px.scatter(sample, x="width", y="height", color="label", opacity=0.6, title="Image sizes (pixels)")
-    figure.update_layout(height=320, margin=dict(t=40, b=10))
-    st.plotly_chart(figure, key="sizes")
+def show_sizes(figure) -> None:
+    if figure is not None:
+        st.plotly_chart(figure, key="sizes")
 
 
 def show_problems(report: dict) -> None:
@@ -325,10 +335,11 @@ st.caption(f"Caches (scans, decoded images, features, hashes): {describe_size(us
            "`python -m engine cache` lists and clears them.")
 for warning in report["warnings"]:
     st.warning(warning)
-show_balance(report)
+balance_figure, sizes_figure = cached_figures(path, fingerprint, decisions, report, files)
+show_balance(balance_figure)
 fractions = show_split(scan, report, fingerprint, decisions)
 show_grid(files, classes)
-show_sizes(files)
+show_sizes(sizes_figure)
 show_problems(report)
 show_label_issues(path, user)
 show_data_map(path)
