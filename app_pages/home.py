@@ -1,6 +1,7 @@
 """Home: what Transfer Studio does, the runs so far with their owners, and the next step.
 
-Below the runs: renaming and deleting a run (its owner or an admin), the trash, and for
+The runs can be searched, filtered (owner, dataset, backbone, state, tag) and sorted. Below
+them: naming, describing, tagging and deleting a run (its owner or an admin), the trash, and for
 admins the queue and the audit log. Every change goes through `engine.jobs`, which checks
 the user again, so a button shown by mistake still cannot change another person's run.
 """
@@ -9,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from engine import audit, jobs
+from engine.run_details import SORT_ORDERS, describe, filter_runs, sort_runs
 from engine.status import State
 from engine.users import Role
 from signin import escape_markdown, page_user
@@ -17,23 +19,45 @@ from ui import access_limits, all_runs, owner_label, permission_note, pick_run, 
 ENDED = (State.FINISHED, State.STOPPED, State.FAILED, State.UNKNOWN)
 
 
+def find_runs(runs) -> list:
+    """Filters (owner, dataset, backbone, state, tag, words) and an order, applied by the engine."""
+    def choices(values) -> list:
+        return [""] + sorted({value for value in values if value})
+
+    words, order = st.columns([3, 1])
+    text = words.text_input("Search", key="runs_search", placeholder="words from a name, description, tag, dataset…")
+    order = order.selectbox("Order", SORT_ORDERS, key="runs_order")
+    columns = st.columns(5)
+    filters = {
+        "owner": columns[0].selectbox("Owner", choices(owner_label(run) for run in runs), key="runs_owner"),
+        "dataset": columns[1].selectbox("Dataset", choices(run.dataset for run in runs), key="runs_dataset"),
+        "backbone": columns[2].selectbox("Backbone", choices(run.backbone for run in runs), key="runs_backbone"),
+        "state": columns[3].selectbox("State", choices(run.state.value for run in runs), key="runs_state"),
+        "tag": columns[4].selectbox("Tag", choices(tag for run in runs for tag in run.tags), key="runs_tag"),
+    }
+    return sort_runs(filter_runs(runs, text=text, **filters), order)
+
+
 def runs_table(runs) -> None:
     table = pd.DataFrame([
         {
-            "Run": run.run_id,
-            "Name": run.name,
+            "Name": run.name or run.run_id,
+            "Tags": ", ".join(run.tags),
             "Owner": owner_label(run),
             "State": run.state.value,
             "Backbone": run.backbone,
             "Dataset": run.dataset,
             "Best validation accuracy": run.best_val_accuracy,
             "Started": run.created,
+            "Description": run.description,
+            "Run": run.run_id,
         }
         for run in runs
     ])
     st.dataframe(
         table,
         hide_index=True,
+        key="runs_table",
         column_config={
             "Best validation accuracy": st.column_config.ProgressColumn(
                 "Best validation accuracy", min_value=0.0, max_value=1.0, format="percent",
@@ -44,16 +68,22 @@ def runs_table(runs) -> None:
 
 
 def manage_a_run(runs, user) -> None:
-    """Rename or delete one run: its owner or an admin."""
-    with st.expander("Rename or delete a run"):
+    """Name, describe, tag or delete one run: its owner or an admin (the engine checks again)."""
+    with st.expander("Name, describe, tag or delete a run"):
         run = pick_run(runs, key="manage_run", label="Run")
         note = permission_note(user, run)
         if note:
             st.caption(note)
-        name = st.text_input("New name", value=run.name, key="manage_name", disabled=bool(note))
+        # Keyed per run, so choosing another run shows its own texts.
+        name = st.text_input("Name", value=run.name, key=f"manage_name_{run.run_id}", disabled=bool(note))
+        description = st.text_area("Description", value=run.description, key=f"manage_description_{run.run_id}",
+                                   disabled=bool(note), placeholder="What you tried, and why")
+        tags = st.text_input("Tags (separated by commas)", value=", ".join(run.tags), key=f"manage_tags_{run.run_id}",
+                             disabled=bool(note), placeholder="baseline, augmentation")
         left, right = st.columns(2)
-        if left.button("Rename", disabled=bool(note), key="rename"):
-            act(lambda: jobs.rename(run.run_id, name, runs_root(), user=user, source="page"), "Renamed.")
+        if left.button("Save", disabled=bool(note), key="save_details"):
+            act(lambda: describe(run.run_id, runs_root(), user=user, name=name, description=description,
+                                 tags=tags.split(","), source="page"), "Saved.")
         if right.button("Move to the trash", disabled=bool(note) or run.state not in ENDED, key="delete",
                         help="Nothing is removed: the run can be restored from the trash below. "
                              "A queued or running run must be stopped first."):
@@ -130,7 +160,11 @@ if not runs:
         f"minute. Runs are kept in `{runs_root()}`."
     )
 else:
-    runs_table(runs)
+    found = find_runs(runs)
+    if found:
+        runs_table(found)
+    else:
+        st.caption(f"No run matches these filters (of {len(runs)}).")
     left, right = st.columns(2)
     left.page_link("app_pages/evaluate.py", label="Explore a finished run's mistakes", icon=":material/grid_on:")
     right.page_link("app_pages/predict.py", label="Try a model on new images", icon=":material/image_search:")

@@ -22,7 +22,7 @@ from engine.users import User
 AUDIT_FILE = "audit.jsonl"
 ACTIONS = ("start", "stop", "kill", "resume", "rename", "delete", "restore", "set_max_concurrent",
            "move_to_front", "set_operating_point",
-           "set_intended_use", "export")
+           "set_intended_use", "export", "describe")
 
 
 def record(runs_dir: str | os.PathLike, user: User, action: str, run_id: str = "", source: str = "python",

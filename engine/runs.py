@@ -19,6 +19,7 @@ from typing import Optional
 from engine import runfiles
 from engine.config import RunConfig
 from engine.locations import runs_root
+from engine.run_details import default_name
 from engine.status import RunStatus, State, create_status, read_status
 from engine.users import User, local_user
 
@@ -58,7 +59,9 @@ def create_run(config: RunConfig, runs_dir: Optional[str | os.PathLike] = None, 
         except FileExistsError:
             continue
     config.save(run_dir / runfiles.CONFIG_FILE)
-    create_status(run_dir, owner=owner.id, owner_name=owner.name, name=config.name, backbone=config.model.backbone,
+    # An unnamed run still gets a name people can find it by: "dataset · backbone · 11-30 15:04".
+    name = config.name or default_name(config.data.path, config.model.backbone)
+    create_status(run_dir, owner=owner.id, owner_name=owner.name, name=name, backbone=config.model.backbone,
                   dataset=config.data.path,
                   epochs=config.training.epochs + (config.fine_tuning.epochs if config.fine_tuning.enabled else 0))
     return run_dir

@@ -110,6 +110,7 @@ class RunStatus:
         owner: Who started the run (`engine.users.User.id`); it never changes.
         owner_name: The owner's name, for display.
         name, backbone, dataset: What lists show about the run (from its config).
+        description, tags: What its owner wrote about it and the labels it is found by (editable).
         epoch, epochs, step, steps: Progress: the epoch under way of all planned, the batch of the epoch.
         eta_seconds, images_per_second: Estimated time left and the current speed.
         best_val_accuracy: The best validation accuracy of any completed epoch so far.
@@ -131,6 +132,8 @@ class RunStatus:
     owner: str = ""
     owner_name: str = ""
     name: str = ""
+    description: str = ""
+    tags: tuple = ()
     backbone: Optional[str] = None
     dataset: Optional[str] = None
     epoch: Optional[int] = None
@@ -160,6 +163,7 @@ class RunStatus:
         data = dataclasses.asdict(self)
         data.pop("path")
         data["state"], data["stage"] = self.state.value, self.stage.value
+        data["tags"] = list(self.tags)
         return data
 
     def with_changes(self, **fields: Any) -> "RunStatus":
@@ -171,7 +175,8 @@ FIELD_TYPES = {
     "epoch": int, "epochs": int, "step": int, "steps": int, "pid": int, "resumed": int, "priority": int, "schema": int,
     "eta_seconds": float, "images_per_second": float, "best_val_accuracy": float, "validation_accuracy": float,
     "queued_at": float, "launched_at": float, "heartbeat": float,
-    "message": str, "error": str, "owner": str, "owner_name": str, "name": str, "backbone": str, "dataset": str,
+    "message": str, "error": str, "owner": str, "owner_name": str, "name": str, "description": str, "backbone": str,
+    "dataset": str,
     "created": str, "started": str, "finished": str, "host": str, "launch_id": str, "run_id": str,
 }
 
@@ -229,6 +234,11 @@ def parse_status(raw: Any, run_dir: str | os.PathLike) -> Optional[RunStatus]:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
             return None
         values[name] = value
+    tags = raw.get("tags")
+    if tags is not None:
+        if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+            return None
+        values["tags"] = tuple(tags)
     # The folder's name is the run's id, whatever the file says: a copied or renamed folder is its own run.
     values["run_id"] = Path(run_dir).name
     stage_text = raw.get("stage")
@@ -299,11 +309,11 @@ def create_status(run_dir: str | os.PathLike, **summary: Any) -> RunStatus:
 
 
 # The fields a run's owner or an admin may change by hand at any time (not progress, not state).
-EDITABLE_FIELDS = frozenset({"name"})
+EDITABLE_FIELDS = frozenset({"name", "description", "tags"})
 
 
 def edit_summary(run_dir: str | os.PathLike, **fields: Any) -> RunStatus:
-    """Changes what a person may edit about a run (its name), under the run's lock, in any state.
+    """Changes what a person may edit about a run (name, description, tags), under the run's lock, in any state.
 
     Raises:
         ValueError: a field that is not editable.

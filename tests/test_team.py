@@ -221,12 +221,12 @@ def test_pages_offer_no_control_of_another_persons_run(app_environment, signed_i
     home = open_page("app_pages/home.py")
     assert not home.exception, home.exception
     assert list(home.dataframe[0].value["Owner"]) == ["Alice"]
-    assert home.button(key="rename").disabled and home.button(key="delete").disabled
+    assert home.button(key="save_details").disabled and home.button(key="delete").disabled
     assert any("belongs to Alice" in caption.value for caption in home.caption)
     assert not [expander for expander in home.expander if "Administration" in expander.label]
     signed_in_as(ALICE)
     home = open_page("app_pages/home.py")
-    assert not home.button(key="rename").disabled and not home.button(key="delete").disabled
+    assert not home.button(key="save_details").disabled and not home.button(key="delete").disabled
     home.button(key="delete").click().run()
     assert jobs.trash(runs_dir)[0].run_id == run_id
     signed_in_as(ROOT)
