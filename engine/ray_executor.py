@@ -141,9 +141,10 @@ class RayJobsClient:
         return response
 
     def _fail(self, method: str, path: str, response: httpx.Response) -> RuntimeError:
-        first_line = (response.text.strip().splitlines() or [""])[-1][:300]
+        # Ray answers a server error with its traceback, whose last line is the error itself.
+        last_line = (response.text.strip().splitlines() or [""])[-1][:300]
         return RuntimeError(f"The Ray cluster at {self.address} answered {response.status_code} to {method} "
-                            f"{path}: {first_line or response.reason_phrase}")
+                            f"{path}: {last_line or response.reason_phrase}")
 
     def _json(self, method: str, path: str, response: httpx.Response):
         try:
@@ -315,7 +316,8 @@ class RayExecutor:
             return status
         try:
             job = self.client.job(run_dir.name)
-        except (RayUnreachable, RayAuthenticationError, RuntimeError) as error:
+        except (RayUnreachable, RayAuthenticationError, RuntimeError, ValueError) as error:
+            # ValueError: an unreadable token file. Not answered is not dead: the worker may be well.
             tolerance = remote_heartbeat_seconds()
             age = time.time() - (status.heartbeat or 0.0)
             if age <= tolerance:
