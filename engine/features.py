@@ -186,11 +186,19 @@ def compute_features(
             batch = augmentation(batch, training=True)
         return extractor(batch, training=False)
 
+    from engine.pipeline import RELEASE_EVERY_IMAGES, release_mapped_pages
+
     positions = np.asarray(positions, dtype=np.int64)
+    read = 0
     for view in range(max(views, 1)):
         for start in range(0, len(positions), batch_size):
             rows = positions[start:start + batch_size]
             batch = np.ascontiguousarray(images[rows])
+            read += len(rows)
+            if read >= RELEASE_EVERY_IMAGES:
+                # The image cache is mapped, never loaded whole: pages already read leave this process.
+                read = 0
+                release_mapped_pages(images)
             if len(rows) < batch_size and len(positions) > batch_size:
                 batch = np.concatenate([batch, np.zeros((batch_size - len(rows),) + batch.shape[1:], batch.dtype)])
             output[view, start:start + len(rows)] = run(batch).numpy()[:len(rows)]

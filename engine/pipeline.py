@@ -126,6 +126,30 @@ def build_image_cache(
     return ImageCache(images, failed, checks=checks)
 
 
+# A process reading or writing a memory-mapped image cache lets go of the pages it went through
+# every this many images, so its resident memory stays flat however large the cache (30,000
+# images at 224 px are 4.5 GB); the pages stay in the page cache, so reading them again is cheap.
+RELEASE_EVERY_IMAGES = 1024
+
+
+def release_mapped_pages(images) -> None:
+    """Drops the pages of a memory-mapped array from this process's resident memory (nothing else changes).
+
+    With `MADV_DONTNEED` on a shared file mapping, written pages still reach the file and later
+    reads fault the pages in again from the page cache (see madvise(2)). A plain in-memory array,
+    or a platform without `madvise`, is left alone.
+    """
+    import mmap
+
+    mapping = getattr(images, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass  # closed meanwhile, or refused: only memory is at stake
+
+
 def _common_folder(paths: list[str]) -> Optional[str]:
     """The deepest folder holding every path (the dataset folder of a split), or None."""
     try:
@@ -164,6 +188,8 @@ def _decode_into(images, paths, image_size, progress, workers, check=False) -> t
             done += 1
             if progress and (done % 32 == 0 or done == total):
                 progress(done, total)
+            if done % RELEASE_EVERY_IMAGES == 0:
+                release_mapped_pages(images)
     return failed, checks
 
 
@@ -233,10 +259,17 @@ def make_dataset(
     labels = np.asarray(labels, dtype=np.int32)
     rows = np.arange(count) if rows is None else np.asarray(rows, dtype=np.int64)
 
+    gathered = [0]
+
     def gather(batch_indices):
         # Sorted rows read the memory-mapped file sequentially; order inside a batch does not matter.
         batch_indices = batch_indices[np.argsort(rows[batch_indices], kind="stable")]
-        return np.ascontiguousarray(images[rows[batch_indices]]), labels[batch_indices]
+        batch = np.ascontiguousarray(images[rows[batch_indices]])
+        gathered[0] += len(batch_indices)
+        if gathered[0] >= RELEASE_EVERY_IMAGES:
+            gathered[0] = 0
+            release_mapped_pages(images)
+        return batch, labels[batch_indices]
 
     indices = tf.data.Dataset.range(count)
     if shuffle:
