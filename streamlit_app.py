@@ -13,6 +13,7 @@ pages = [
     st.Page("app_pages/monitor.py", title="Monitor", icon=":material/monitoring:"),
     st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/sweeps.py", title="Sweeps", icon=":material/leaderboard:"),
     st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:"),
     st.Page("app_pages/demo.py", title="Demo", icon=":material/co_present:"),
     st.Page("app_pages/export.py", title="Export", icon=":material/ios_share:"),

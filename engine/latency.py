@@ -20,13 +20,20 @@ LATENCY_FILE = "latency.json"
 REPEATS = 20
 
 
-def measure_latency(run_dir: str | os.PathLike, repeats: int = REPEATS) -> dict:
+def measure_latency(run_dir: str | os.PathLike, repeats: int = REPEATS, user=None) -> dict:
     """Times the run's model on one image (median of `repeats` calls after a warm-up) and writes latency.json.
+
+    Writing into the run folder is for its owner or an admin (`user`; None is the local user).
 
     Raises:
         ValueError: the run has no saved model yet.
+        PermissionError: a viewer, or a member who does not own the run.
     """
+    from engine.jobs import authorize
     from engine.predict import load_run_model
+    from engine.status import read_status
+
+    authorize(user, read_status(run_dir), "measure")
 
     model, _, image_size = load_run_model(run_dir)
     image = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3)).astype("float32")

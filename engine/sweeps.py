@@ -191,6 +191,7 @@ def leaderboard(sweep: dict, runs_dir: Optional[str | os.PathLike] = None) -> tu
         model_path = run_dir / runfiles.MODEL_FILE
         latency = read_latency(run_dir)
         rows.append({"run_id": entry["run_id"], "name": status.name, **entry["settings"], "state": status.state.value,
+                     "owner": status.owner,
                      "validation accuracy": validation,
                      "training seconds": training_cost(run_dir)["training seconds"],
                      "model MB": model_path.stat().st_size / 1e6 if model_path.is_file() else None,

@@ -15,6 +15,7 @@ from tests.conftest import make_dataset, open_folder_on_data_page, open_page
 
 TITLES = {"app_pages/home.py": "Transfer Studio", "app_pages/data.py": "Data", "app_pages/train.py": "Train",
           "app_pages/monitor.py": "Monitor", "app_pages/evaluate.py": "Evaluate", "app_pages/compare.py": "Compare",
+          "app_pages/sweeps.py": "Sweeps",
           "app_pages/predict.py": "Predict",
           "app_pages/demo.py": "Demo", "app_pages/export.py": "Export"}
 PAGES = list(TITLES)

@@ -47,7 +47,7 @@ def test_a_viewer_cannot_start_a_sweep(tmp_path):
 
 
 @pytest.mark.training
-def test_a_real_sweep_runs_four_runs_on_two_feature_computations(runs_dir, tmp_path):
+def test_a_real_sweep_runs_four_runs_on_two_feature_computations(runs_dir, tmp_path, app_environment, monkeypatch):
     digits = ensure_sample("digits", tmp_path / "appdata")
     base = RunConfig().replace(**{"data.path": str(digits), "data.subset_fraction": 0.15, "model.weights": "none",
                                   "model.image_size": 32, "training.epochs": 1})
@@ -77,3 +77,21 @@ def test_a_real_sweep_runs_four_runs_on_two_feature_computations(runs_dir, tmp_p
     assert chosen["run_id"] == table.iloc[0]["run_id"]
     assert chosen["test_accuracy"] == evaluation["splits"]["test"]["accuracy"]
     assert "optimistic" in chosen["why"]
+
+    # The Sweeps page draws the same leaderboard and points at the chosen run.
+    from tests.conftest import open_page
+
+    monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(runs_dir))
+    page = open_page("app_pages/sweeps.py")
+    assert not page.exception, page.exception
+    shown = next(frame.value for frame in page.dataframe if "validation accuracy" in frame.value.columns)
+    assert list(shown["run_id"]) == list(table["run_id"])
+    assert any(chosen["run_id"] in message.value and "test accuracy" in message.value for message in page.success)
+    assert page.button(key="measure_latency").label == "Measure latency (3 runs)"
+    page.button(key="measure_latency").click().run()
+    assert all(read_latency(runs_dir / entry["run_id"]) for entry in sweep["runs"])
+
+    # Someone else cannot write into these runs' folders, whatever a page offers.
+    stranger = User("issuer|sam", "Sam")
+    with pytest.raises(PermissionError, match="only its owner or an admin"):
+        measure_latency(runs_dir / sweep["runs"][1]["run_id"], repeats=1, user=stranger)
