@@ -75,13 +75,30 @@ def expand(config: RunConfig, grid: dict[str, list]) -> list[tuple[RunConfig, di
     for values in combinations:
         varied = dict(zip(names, values))
         try:
-            run_config = config.replace(**varied)
+            run_config = config.replace(**varied, **_width_for(config, varied))
         except ConfigError as error:
             raise ValueError(f"Grid value refused: {error}") from error
         runs.append((run_config, {name: _setting_value(run_config, name) for name in names}))
     # Stable sort by backbone: the queue then computes each backbone's features once, first.
     order = {backbone: index for index, backbone in enumerate(dict.fromkeys(run.model.backbone for run, _ in runs))}
     return sorted(runs, key=lambda pair: order[pair[0].model.backbone])
+
+
+def _width_for(config: RunConfig, varied: dict) -> dict:
+    """The width to use when the grid changes the backbone but not `model.alpha`.
+
+    The base's width is kept where the backbone has it (MobileNet α=0.25 stays 0.25); a backbone
+    without that width gets its default, and one without widths none, so a grid over backbones
+    of different families is valid.
+    """
+    from engine.backbones import BACKBONES
+
+    backbone = varied.get("model.backbone")
+    if backbone is None or "model.alpha" in varied or backbone not in BACKBONES:
+        return {}
+    if config.model.alpha is not None and config.model.alpha in BACKBONES[backbone].alphas:
+        return {}
+    return {"model.alpha": None}
 
 
 def _setting_value(config: RunConfig, dotted: str):

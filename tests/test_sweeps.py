@@ -38,6 +38,13 @@ def test_every_combination_is_a_valid_config_with_runs_of_one_backbone_together(
         expand(RunConfig(), {"training.seed": [str(seed) for seed in range(65)]})
 
 
+def test_a_grid_over_backbones_keeps_a_width_where_it_exists_and_drops_it_where_not():
+    base = RunConfig().replace(**{"data.path": "/data/x", "model.backbone": "MobileNet", "model.alpha": 0.25})
+    runs = expand(base, {"model.backbone": ["MobileNet", "EfficientNetLite0", "MobileNetV2"]})
+    assert [(config.model.backbone, config.model.alpha) for config, _ in runs] == [
+        ("MobileNet", 0.25), ("EfficientNetLite0", None), ("MobileNetV2", None)]  # V2 has no 0.25: its default
+
+
 def test_a_viewer_cannot_start_a_sweep(tmp_path):
     viewer = User("issuer|vic", "Vic", role=Role.VIEWER)
     with pytest.raises(PermissionError, match="viewer"):
