@@ -8,7 +8,7 @@ import streamlit as st
 
 from engine.latency import measure_latency
 from engine.sweeps import leaderboard, list_sweeps
-from signin import page_user
+from signin import escape_markdown, page_user
 from ui import runs_root
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
@@ -40,7 +40,8 @@ if unfinished:
 if chosen:
     test = chosen["test_accuracy"]
     test_text = f"{test:.1%} on {chosen['test_images']} test images" if test is not None else "no test images"
-    st.success(f"Best on validation: **{chosen['run_id']}** ({chosen['validation_accuracy']:.1%}); "
+    st.success(f"Best on validation: **{escape_markdown(chosen['name'] or chosen['run_id'])}** "
+               f"({chosen['validation_accuracy']:.1%}); "
                f"its test accuracy: **{test_text}**.")
     st.caption(chosen["why"])
     left, middle, right = st.columns(3)

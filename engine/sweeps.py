@@ -190,9 +190,9 @@ def leaderboard(sweep: dict, runs_dir: Optional[str | os.PathLike] = None) -> tu
     """The sweep's runs ranked by validation accuracy, and the chosen run with its test accuracy.
 
     Returns:
-        (table, chosen): the table has run_id, name, the varied settings, state, validation
-        accuracy, training seconds, model MB and one-image latency in ms (when measured, see
-        `engine.latency`); `chosen` is {"run_id", "validation_accuracy", "test_accuracy",
+        (table, chosen): the table has name, the varied settings, validation accuracy, training
+        seconds, model MB, one-image latency in ms (when measured, see `engine.latency`), state,
+        owner and run_id; `chosen` is {"run_id", "name", "validation_accuracy", "test_accuracy",
         "test_images", "why"} or {} when no run finished.
     """
     from engine.compare import training_cost
@@ -207,12 +207,12 @@ def leaderboard(sweep: dict, runs_dir: Optional[str | os.PathLike] = None) -> tu
         validation = ((evaluation.get("splits") or {}).get("validation") or {}).get("accuracy")
         model_path = run_dir / runfiles.MODEL_FILE
         latency = read_latency(run_dir)
-        rows.append({"run_id": entry["run_id"], "name": status.name, **entry["settings"], "state": status.state.value,
-                     "owner": status.owner,
-                     "validation accuracy": validation,
+        # What a reader compares first comes first; the id (for links) last.
+        rows.append({"name": status.name, **entry["settings"], "validation accuracy": validation,
                      "training seconds": training_cost(run_dir)["training seconds"],
                      "model MB": model_path.stat().st_size / 1e6 if model_path.is_file() else None,
-                     "latency ms (1 image)": latency.get("one_image_ms") if latency else None})
+                     "latency ms (1 image)": latency.get("one_image_ms") if latency else None,
+                     "state": status.state.value, "owner": status.owner, "run_id": entry["run_id"]})
     table = pd.DataFrame(rows)
     if table.empty:
         return table, {}
@@ -224,7 +224,7 @@ def leaderboard(sweep: dict, runs_dir: Optional[str | os.PathLike] = None) -> tu
     best = finished.iloc[0]
     evaluation = runfiles.read_json(root / best["run_id"] / runfiles.EVALUATION_FILE, default={}) or {}
     test = (evaluation.get("splits") or {}).get("test") or {}
-    chosen = {"run_id": best["run_id"], "validation_accuracy": float(best["validation accuracy"]),
+    chosen = {"run_id": best["run_id"], "name": best["name"], "validation_accuracy": float(best["validation accuracy"]),
               "test_accuracy": test.get("accuracy"), "test_images": test.get("num_images"),
               "why": "The run is chosen by validation accuracy, so that number is optimistic: among many runs the "
                      "best on the validation images is partly the luckiest on them. The test images played no part "

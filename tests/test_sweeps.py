@@ -93,7 +93,10 @@ def test_a_real_sweep_runs_four_runs_on_two_feature_computations(runs_dir, tmp_p
     assert not page.exception, page.exception
     shown = next(frame.value for frame in page.dataframe if "validation accuracy" in frame.value.columns)
     assert list(shown["run_id"]) == list(table["run_id"])
-    assert any(chosen["run_id"] in message.value and "test accuracy" in message.value for message in page.success)
+    from signin import escape_markdown
+
+    assert any(escape_markdown(chosen["name"]) in message.value and "test accuracy" in message.value
+               for message in page.success)
     assert page.button(key="measure_latency").label == "Measure latency (3 runs)"
     page.button(key="measure_latency").click().run()
     assert all(read_latency(runs_dir / entry["run_id"]) for entry in sweep["runs"])
