@@ -1,6 +1,7 @@
 """Benchmark: how the costs grow from 3,000 to 30,000 images (issue 15).
 
-    .venv/bin/python bench/scale.py [--sizes 3000 10000 30000] [--folder ~/.cache/transfer-studio-bench]
+    .venv/bin/python bench/scale.py [--sizes 3000 10000 30000] [--repeats 2] [--folder ~/.cache/transfer-studio-bench]
+    .venv/bin/python bench/scale.py --searches      # the near-duplicate search alone: every pair vs the index
 
 The folders are generated once from the 3,000 photos of ../shared/data/cats_vs_dogs (two
 classes): every photo gives up to ten distinct images, each a different random crop (45-85 %
@@ -352,6 +353,36 @@ def measure_data_page(folder: Path, environment: dict, work: Path, reruns: int =
             "server_peak_rss": memory.get("VmHWM"), "server_rss": memory.get("VmRSS")}
 
 
+def compare_searches(folders: dict, cache_folder: Path) -> None:
+    """Times the near-duplicate search alone: every pair against the index, on each folder's real pHashes.
+
+    The hashes are computed once into `cache_folder` (a cache root kept for this comparison).
+    """
+    sys.path.insert(0, str(REPO))
+    from engine.data import list_candidate_files
+    from engine.doctor import NEAR_DUPLICATE_DISTANCE, file_hashes
+    from engine.near_duplicates import all_pairs_within, hashes_from_hex, pairs_within
+
+    print("\n| images | every pair s | index s | index per 1,000 s | pairs found (both) | same pairs |")
+    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    first_rate = None
+    for size, folder in folders.items():
+        _, candidates, _, _ = list_candidate_files(folder.resolve())
+        paths = [path for path, _, _ in candidates]
+        hashes = file_hashes(paths, cache_folder, cache_key=str(folder.resolve()))
+        array = hashes_from_hex([hashes[path]["phash"] for path in paths if hashes[path]["phash"]])
+        began = time.perf_counter()
+        reference = all_pairs_within(array, None, NEAR_DUPLICATE_DISTANCE)
+        every_pair = time.perf_counter() - began
+        began = time.perf_counter()
+        found = pairs_within(array, None, NEAR_DUPLICATE_DISTANCE)
+        index = time.perf_counter() - began
+        rate = index / size * 1000
+        first_rate = first_rate or rate
+        print(f"| {size:,} | {every_pair:.2f} | {index:.2f} | {rate:.3f} ({rate / first_rate:.2f}×) | {len(found)} "
+              f"| {'yes' if len(found) == len(reference) and (found == reference).all() else 'NO'} |", flush=True)
+
+
 def keras_home(work: Path) -> Path:
     """A temporary KERAS_HOME holding the real MobileNet α=0.25 weights (copied, never downloaded)."""
     if not WEIGHTS.is_file():
@@ -376,9 +407,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="Run the worker stages this many times per size (each with an empty cache) and keep "
                              "each stage's fastest time: on a shared machine, other work only ever adds time.")
+    parser.add_argument("--searches", action="store_true",
+                        help="Only time the near-duplicate search: every pair against the index.")
     arguments = parser.parse_args()
     folders = {size: build_folder(arguments.folder, size) for size in arguments.sizes}
     if arguments.generate_only:
+        return
+    if arguments.searches:
+        compare_searches(folders, arguments.folder / "hash-cache")
         return
     results = {}
     for size, folder in folders.items():
