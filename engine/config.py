@@ -470,9 +470,26 @@ class TrainingConfig:
              "once, cached on disk, and the head trains on them: many times faster, and a later run that "
              "changes only head settings starts at once. Off, every image goes through the backbone in every "
              "epoch, as the tutorial recipes do (slow; needed only for fully random augmentation)."))
+    # Read by the worker (engine.devices) and by the Ray executor, which asks Ray for this many
+    # GPUs (`entrypoint_num_gpus`). 64 is more than any single machine holds.
+    gpus: int = field(default=0, metadata=setting(
+        label="GPUs", flag="--gpus", low=0, high=64,
+        help="GPUs to train on. 0 or 1: one device, as TensorFlow places it (its first GPU if it sees one, "
+             "else the CPU). N ≥ 2: tf.distribute.MirroredStrategy over N of the GPUs the worker is given, each "
+             "taking an equal share of every batch (the batch size stays the total). On a Ray cluster the run "
+             "asks Ray for this many GPUs. One machine only."))
 
     def __post_init__(self):
         _check_declared(self)
+        # Each GPU takes an equal share of every batch; Keras 3.15 also fails outright under
+        # MirroredStrategy when the first batch does not split evenly (docs/training.md, "Several GPUs").
+        if self.gpus >= 2 and self.batch_size % self.gpus:
+            lower = self.batch_size // self.gpus * self.gpus
+            suggestions = " or ".join(str(size) for size in (lower, lower + self.gpus) if size >= self.gpus)
+            raise ConfigError(
+                f"`training.batch_size` must be a multiple of `training.gpus` (each GPU takes an equal share of "
+                f"every batch); received `training.batch_size={self.batch_size}` with `training.gpus={self.gpus}`. "
+                f"Use {suggestions}.", "training.batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -362,12 +362,17 @@ class Training:
     started_at: float
     planned_epochs: int
     class_weight: Optional[dict]
+    # How many devices train in step (MirroredStrategy's num_replicas_in_sync); 1 for one device.
+    replicas: int = 1
     num_classes: int = field(init=False)
     steps_per_epoch: int = field(init=False)
 
     def __post_init__(self):
         self.num_classes = len(self.data.class_names)
-        self.steps_per_epoch = math.ceil(len(self.data.positions["train"]) / self.config.training.batch_size)
+        count, batch_size = len(self.data.positions["train"]), self.config.training.batch_size
+        self.steps_per_epoch = math.ceil(count / batch_size)
+        if 0 < count % batch_size < self.replicas:
+            self.steps_per_epoch -= 1  # that last batch is left out (`Training.training_data`)
 
     @property
     def binary(self) -> bool:
@@ -377,6 +382,58 @@ class Training:
     def say(self, stage: Stage, message: str) -> None:
         """Logs a step, shows it in the status and on the terminal."""
         _say(self.status, self.echo, stage, message)
+
+    def validation_batch(self, wanted: int) -> int:
+        """The validation batch size: `wanted`, or on several devices one that every device can share.
+
+        Validation metrics are per image, so the batch size changes nothing else.
+        `_check_splits_for_devices` has made sure that one exists.
+        """
+        if self.replicas == 1:
+            return wanted
+        return batch_for_devices(len(self.data.positions["validation"]), wanted, self.replicas, first_even=True)
+
+    def prediction_batch(self, count: int, wanted: int) -> int:
+        """The batch size for predicting `count` images: `wanted`, or on several devices one they can all share."""
+        if self.replicas == 1:
+            return wanted
+        return batch_for_devices(count, wanted, self.replicas, first_even=False)
+
+    def training_data(self, dataset):
+        """The training batches; on several devices without a last batch too small to give each device an image.
+
+        Such a batch (at most `replicas - 1` images, a different few each epoch as the order is
+        reshuffled) would leave a device with nothing, which the base's layers fail on.
+        """
+        if self.replicas == 1 or not 0 < len(self.data.positions["train"]) % self.config.training.batch_size \
+                < self.replicas:
+            return dataset
+        import tensorflow as tf
+
+        replicas = self.replicas
+        return dataset.filter(lambda images, *rest: tf.shape(images)[0] >= replicas)
+
+
+def batch_for_devices(count: int, largest: int, replicas: int, first_even: bool) -> Optional[int]:
+    """A batch size for `count` images on `replicas` devices under Keras 3.15, or None when there is none.
+
+    Two things fail there (docs/training.md, "Several GPUs"): a batch that leaves some device
+    without an image (the last one, when it holds fewer images than there are devices), and, in
+    `fit` and `evaluate`, a first batch that does not split evenly (Keras reads it before the
+    first epoch and averages it across the devices).
+
+    Args:
+        count: The images to batch.
+        largest: The batch size wanted; the answer is at most this.
+        replicas: The devices.
+        first_even: Whether the first batch must split evenly (`fit`, `evaluate`), not only the last be large enough.
+    """
+    for size in range(min(largest, count), replicas - 1, -1):
+        if first_even and size % replicas:
+            continue
+        if count % size == 0 or count % size >= replicas:
+            return size
+    return None
 
 
 @dataclass
@@ -412,8 +469,13 @@ class FullModel:
 
 def _train(run_dir: Path, status: LaunchStatus, echo) -> tuple[State, str]:
     """The phases of one run, in order; returns the final state and its message."""
+    from engine.devices import training_devices
+
     config = RunConfig.load(run_dir / runfiles.CONFIG_FILE)
     logger.info("Config: %s", config.to_json())
+    # Before anything runs TensorFlow: the testing aid that splits the CPU into logical
+    # devices must act before TensorFlow starts, and too few GPUs should fail at once.
+    devices = training_devices(config.training.gpus)
     check_stop = StopCheck(run_dir, status)
     resume = ResumePoint.read(run_dir)
     data = _prepare_data(run_dir, config, status, echo, check_stop, resume.resuming)
@@ -424,7 +486,57 @@ def _train(run_dir: Path, status: LaunchStatus, echo) -> tuple[State, str]:
         started_at=time.time() - resume.elapsed_seconds,
         planned_epochs=config.training.epochs + (fine_tuning.epochs if fine_tuning.enabled else 0),
         class_weight=(_class_weights(data.labels["train"], len(data.class_names))
-                      if config.training.class_weight == "balanced" else None))
+                      if config.training.class_weight == "balanced" else None),
+        replicas=devices.replicas)
+    if devices.strategy is not None:
+        _check_splits_for_devices(training)
+        _record_devices(training, devices)
+    # Every model is built, compiled, fitted, saved and evaluated under the strategy's scope,
+    # so its variables are mirrored on each device; one device has no scope at all.
+    with devices.scope():
+        return _train_phases(training, resume, check_stop)
+
+
+def _check_splits_for_devices(training: Training) -> None:
+    """Refuses, with a sentence, a mirrored run whose first batches cannot split evenly over its devices.
+
+    With at least one full batch of training images the first batch is `batch_size`, a multiple of
+    `training.gpus` (checked by the config); the validation batches are chosen to split evenly
+    (`Training.validation_batch`), which needs at least one validation image per device.
+    """
+    replicas, batch_size = training.replicas, training.config.training.batch_size
+    counts = {split: len(rows) for split, rows in training.data.positions.items()}
+    fix = "or train on one device (`training.gpus` 0)."
+    if counts["train"] < batch_size and counts["train"] % replicas:
+        even = counts["train"] // replicas * replicas
+        raise ValueError(
+            f"{counts['train']} training images are fewer than one batch of {batch_size} and do not split evenly "
+            f"over {replicas} devices, which Keras needs for the first batch. Lower `training.batch_size` to "
+            f"{even} or less (a multiple of {replicas}), {fix}")
+    # Validation batches: `batch_size` on the images, larger on cached features.
+    if any(batch_for_devices(counts["validation"], largest, replicas, True) is None
+           for largest in (batch_size, max(batch_size, VALIDATION_FEATURE_BATCH))):
+        raise ValueError(
+            f"{counts['validation']} validation image(s) cannot be batched for {replicas} devices (each needs an "
+            f"image in every batch, and the first batch must split evenly): add validation images or raise "
+            f"`data.validation_fraction`, {fix}")
+    if counts["test"] and counts["test"] < replicas:
+        raise ValueError(f"{counts['test']} test image(s) cannot be shared by {replicas} devices: add test images, "
+                         f"set `data.test_fraction` to 0 or raise it, {fix}")
+
+
+def _record_devices(training: Training, devices) -> None:
+    """Says which devices a mirrored run trains on, in worker.log and as a `devices` event in metrics.jsonl."""
+    training.say(Stage.BUILDING_MODEL, devices.describe(training.config.training.batch_size))
+    runfiles.append_jsonl(training.run_dir / runfiles.METRICS_FILE, [
+        {"type": "devices", "strategy": type(devices.strategy).__name__, "replicas": devices.replicas,
+         "devices": list(devices.devices), "time": time.time()}])
+
+
+def _train_phases(training: Training, resume: ResumePoint, check_stop) -> tuple[State, str]:
+    """Phase 1, phase 2, save and evaluate; the final state and its message."""
+    run_dir, config, status = training.run_dir, training.config, training.status
+    fine_tuning = config.fine_tuning
     checkpointed = _load_checkpoint(training, resume)
     full_model = FullModel(training, checkpointed if resume.model_kind == "full" else None)
 
@@ -507,8 +619,10 @@ def _image_data(training: Training, split: str, shuffle: bool, epochs_done: int)
     from engine.pipeline import make_dataset
 
     data, settings = training.data, training.config.training
-    return make_dataset(data.images, data.labels[split], settings.batch_size, shuffle=shuffle,
-                        seed=settings.seed + epochs_done, binary=training.binary, rows=data.positions[split])
+    batch_size = training.validation_batch(settings.batch_size) if split == "validation" else settings.batch_size
+    dataset = make_dataset(data.images, data.labels[split], batch_size, shuffle=shuffle,
+                           seed=settings.seed + epochs_done, binary=training.binary, rows=data.positions[split])
+    return training.training_data(dataset) if split == "train" else dataset
 
 
 def train_head_on_features(training: Training, resume: ResumePoint, checkpointed, full_model: FullModel,
@@ -528,19 +642,23 @@ def train_head_on_features(training: Training, resume: ResumePoint, checkpointed
         head = checkpointed
     else:
         head = build_head(config, training.num_classes, features["validation"].shape[-1])
+        # Keras 3.15's loop of several steps per call fails under MirroredStrategy ("You must feed
+        # a value for placeholder tensor 'while/cond/Placeholder'"), so a mirrored head takes one.
         compile_model(head, settings.optimizer, settings.learning_rate, training.num_classes,
-                      steps_per_execution=HEAD_STEPS_PER_EXECUTION)
+                      steps_per_execution=HEAD_STEPS_PER_EXECUTION if training.replicas == 1 else 1)
     if resume.epochs_done >= settings.epochs:
         return head, features, PhaseResult(resume.epochs_done)
     training.say(Stage.TRAINING_HEAD,
                  f"Phase 1: training the new head on cached features for epochs {resume.epochs_done + 1}–"
                  f"{settings.epochs} on {len(data.positions['train'])} images.")
-    train_data = make_feature_dataset(features["train"], data.labels["train"], settings.batch_size,
-                                      shuffle=True, seed=settings.seed + resume.epochs_done, binary=training.binary)
+    train_data = training.training_data(make_feature_dataset(
+        features["train"], data.labels["train"], settings.batch_size, shuffle=True,
+        seed=settings.seed + resume.epochs_done, binary=training.binary))
     # Validation batches only compute metrics (averaged per image), so their size changes
     # nothing but the per-batch overhead.
-    validation_data = make_feature_dataset(features["validation"], data.labels["validation"],
-                                           max(settings.batch_size, VALIDATION_FEATURE_BATCH), binary=training.binary)
+    validation_batch = training.validation_batch(max(settings.batch_size, VALIDATION_FEATURE_BATCH))
+    validation_data = make_feature_dataset(features["validation"], data.labels["validation"], validation_batch,
+                                           binary=training.binary)
     result = _fit(training, head, train_data, validation_data, 1, resume.epochs_done, settings.epochs, "head", None,
                   keras_callbacks(config, training.run_dir, full_model), training.planned_epochs)
     return head, features, result
@@ -605,9 +723,13 @@ def evaluate_run(training: Training, model, head, features: dict) -> float:
         if not data.positions[split]:
             continue
         if head is not None and split in features:
-            probabilities = probabilities_per_class(head.predict(features[split], verbose=0), training.num_classes)
+            # 32 and 64 are Keras's and predict_probabilities' own batch sizes, kept on one device.
+            batch_size = training.prediction_batch(len(features[split]), 32)
+            probabilities = probabilities_per_class(head.predict(features[split], batch_size=batch_size, verbose=0),
+                                                    training.num_classes)
         else:
             probabilities = predict_probabilities(model, data.images, training.num_classes,
+                                                  batch_size=training.prediction_batch(len(data.positions[split]), 64),
                                                   rows=data.positions[split])
         split_results[split] = (data.paths[split], data.labels[split], probabilities)
     evaluation = write_evaluation(training.run_dir, data.class_names, split_results)

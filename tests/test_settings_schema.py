@@ -11,7 +11,7 @@ from engine.config import (ALPHAS, ConfigError, RunConfig, Setting, add_argument
                            overrides_from_arguments, settings)
 from tests.conftest import make_dataset, open_folder_on_data_page, open_page
 
-# The flags the CLI has always had (engine/cli.py's TRAIN_FLAGS), by dotted name.
+# The CLI's flags by dotted name: those it has always had (engine/cli.py's TRAIN_FLAGS), and --gpus.
 CLI_FLAGS = {
     "name": "--name", "data.path": "--data", "data.validation_fraction": "--validation-fraction",
     "data.test_fraction": "--test-fraction", "data.split_seed": "--split-seed",
@@ -20,6 +20,7 @@ CLI_FLAGS = {
     "model.dropout": "--dropout", "model.hidden_units": "--hidden-units", "training.epochs": "--epochs",
     "training.batch_size": "--batch-size", "training.optimizer": "--optimizer",
     "training.learning_rate": "--learning-rate", "training.seed": "--seed", "training.class_weight": "--class-weight",
+    "training.gpus": "--gpus",
     "fine_tuning.layers": "--fine-tune-layers", "fine_tuning.epochs": "--fine-tune-epochs",
     "fine_tuning.learning_rate": "--fine-tune-learning-rate",
 }
