@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py [--sizes 3000 10000 30000] [--repeats 2] [--folder ~/.cache/transfer-studio-bench]
     .venv/bin/python bench/scale.py --searches      # the near-duplicate search alone: every pair vs the index
+    .venv/bin/python bench/scale.py --sizes 3000 30000 --interleaved   # decode and features, small/large/small
 
 The folders are generated once from the 3,000 photos of ../shared/data/cats_vs_dogs (two
 classes): every photo gives up to ten distinct images, each a different random crop (45-85 %
@@ -251,6 +252,67 @@ print("BENCH_RESULT " + json.dumps({"seconds": seconds, "notes": notes, "peak_rs
 '''
 
 
+INTERLEAVED = r'''
+import json, os, sys, time
+sys.path.insert(0, os.environ["BENCH_REPO"])
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+import tensorflow as tf
+from pathlib import Path
+from engine.config import RunConfig
+from engine.data import list_candidate_files
+from engine.features import build_feature_extractor, compute_features
+from engine.modeling import build_model
+from engine.pipeline import build_image_cache
+
+small, large = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+paths = {folder: [path for path, _, _ in list_candidate_files(folder)[1]] for folder in (small, large)}
+rows = []
+
+def report(stage, folder, count, seconds):
+    rows.append({"stage": stage, "images": count, "seconds": seconds, "load": os.getloadavg()[0]})
+    print(json.dumps(rows[-1]), flush=True)
+
+caches = {}
+for step, folder in enumerate((small, large, small)):
+    began = time.perf_counter()
+    cache = build_image_cache(paths[folder], 224, cache_dir=os.path.join(os.environ["TRANSFER_STUDIO_CACHE"], str(step)))
+    report("decode cache", folder, len(paths[folder]), time.perf_counter() - began)
+    caches[folder] = cache
+config = RunConfig().replace(**{"data.path": str(large), "model.backbone": "MobileNet", "model.alpha": 0.25,
+                                "model.weights": "imagenet", "model.image_size": 224})
+extractor = build_feature_extractor(build_model(config, 2))
+compute_features(extractor, caches[large].images, list(range(64)))  # traced once, before any clock
+for folder in (small, large, small):
+    count = len(paths[folder])
+    began = time.perf_counter()
+    compute_features(extractor, caches[folder].images, list(range(count)))
+    report("feature extraction", folder, count, time.perf_counter() - began)
+print("BENCH_RESULT " + json.dumps(rows), flush=True)
+'''
+
+
+def interleaved(small: Path, large: Path, work: Path) -> None:
+    """Decoding and feature extraction on the small and the large folder in turn (small, large, small), in one process.
+
+    On a shared machine the load moves while a size is measured; alternating the sizes shows
+    whether a difference per image belongs to the size or to the moment.
+    """
+    environment = {"TRANSFER_STUDIO_CACHE": str(work / "cache"), "KERAS_HOME": str(keras_home(work)),
+                   "TRANSFER_STUDIO_OFFLINE": "1", "BENCH_REPO": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", INTERLEAVED, str(small), str(large)], capture_output=True,
+                            text=True, env={**os.environ, **environment}, cwd=REPO)
+    rows = next((json.loads(line[len(MARKER):]) for line in result.stdout.splitlines() if line.startswith(MARKER)),
+                None)
+    if rows is None:
+        raise SystemExit(f"The interleaved measurement failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    print("\n| stage | images | s | s per 1,000 | load average (1 min) at the end |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['stage']} | {row['images']:,} | {row['seconds']:.1f} | {row['seconds'] / row['images'] * 1000:.2f} "
+              f"| {row['load']:.1f} |")
+
+
 def run_worker(folder: Path, environment: dict) -> dict:
     """The five stages in a fresh process (TensorFlow imported before the clocks start)."""
     result = subprocess.run([sys.executable, "-c", CHILD_STAGES, str(folder)], capture_output=True, text=True,
@@ -409,12 +471,22 @@ def main() -> None:
                              "each stage's fastest time: on a shared machine, other work only ever adds time.")
     parser.add_argument("--searches", action="store_true",
                         help="Only time the near-duplicate search: every pair against the index.")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="Only decode and extract features of the smallest and largest size in turn "
+                             "(small, large, small), to tell the size's cost from the machine's load.")
     arguments = parser.parse_args()
     folders = {size: build_folder(arguments.folder, size) for size in arguments.sizes}
     if arguments.generate_only:
         return
     if arguments.searches:
         compare_searches(folders, arguments.folder / "hash-cache")
+        return
+    if arguments.interleaved:
+        work = Path(tempfile.mkdtemp(prefix="interleaved-", dir=arguments.folder))
+        try:
+            interleaved(folders[min(folders)], folders[max(folders)], work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return
     results = {}
     for size, folder in folders.items():
