@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from engine import locations
+from engine import caches, locations
 from engine.images import IMAGE_EXTENSIONS, check_image, has_image_extension, is_hidden
 from engine.runfiles import atomic_write_json, read_json
 
@@ -279,6 +279,7 @@ def scan_dataset(
     cached = read_json(cache_file)
     if cached and cached.get("version") == SCAN_CACHE_VERSION and cached.get("root") == str(root_path):
         checks = cached["checks"]
+        caches.touch("scans", fingerprint, cache_dir, dataset=str(root_path))
     else:
         paths = [path for path, _, _ in candidates]
         checks = check_files(paths) if check_files else check_all(paths, progress, workers)
@@ -290,6 +291,9 @@ def scan_dataset(
                                                "checks": checks})
             except OSError:
                 pass  # A read-only cache only costs a re-scan next time.
+            else:
+                caches.touch("scans", fingerprint, cache_dir, dataset=str(root_path))
+                caches.after_write("scans", fingerprint, cache_dir)
     files, excluded = [], []
     for (path, label, split), check in zip(candidates, checks):
         if check["ok"]:
