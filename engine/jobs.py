@@ -8,10 +8,11 @@ round-robin across their owners, so one person's ten queued runs do not block ev
 
 A run is started by creating its folder (`queued`) and letting the queue launch it when
 a slot is free: `schedule` moves it to `running` (stage `starting`, a fresh `launch_id`)
-and hands it to the runs root's executor (`engine.executors`). Every state change goes
-through `engine.status.transition`; reading never writes, and liveness is the one
-explicit step `reconcile`, which the scheduler (also run by each supervisor as its worker
-ends), the Monitor page and the run listings (`reconcile_stale`) call.
+and hands it to the run's executor (`engine.executors`: local, or a Ray cluster). Every
+state change goes through `engine.status.transition`; reading never writes, and liveness
+is the one explicit step `reconcile`, which the scheduler (also run by each supervisor,
+or Ray job, as its worker ends), the Monitor page and the run listings (`reconcile_stale`)
+call.
 
 This module never imports TensorFlow.
 """

@@ -2,7 +2,8 @@
 
 `RayExecutor` hands a launched run to an existing Ray cluster as a Ray job whose
 entrypoint is the same worker command the local executor runs (`python -m engine worker
-RUN_DIR`), with the run id as the job's submission id. It speaks to the cluster's
+RUN_DIR`), with the run id as the job's submission id (`<run id>-resume<N>` for its N-th
+resume: Ray cannot take an id again reliably, see `submission_id`). It speaks to the cluster's
 dashboard over HTTP with `httpx` (`POST /api/jobs/`, `GET /api/jobs/{id}`, `POST
 /api/jobs/{id}/stop`, `GET /api/jobs/{id}/logs`), so the team server needs neither the
 `ray` package nor its version to match the cluster's.
@@ -183,13 +184,6 @@ class RayJobsClient:
             raise self._fail("POST", path, response)
         return True
 
-    def delete(self, submission_id: str) -> None:
-        """Forgets an ended job, so that its submission id can be used again."""
-        path = f"/api/jobs/{submission_id}"
-        response = self._request("DELETE", path, SUBMIT_TIMEOUT_SECONDS)
-        if response.status_code not in (200, 404):
-            raise self._fail("DELETE", path, response)
-
     def logs(self, submission_id: str, timeout: float = STATE_TIMEOUT_SECONDS) -> str:
         """The job's output as Ray kept it ("" when there is no such job)."""
         path = f"/api/jobs/{submission_id}/logs"
@@ -240,7 +234,7 @@ class RayExecutor:
 
         run_dir = Path(run_dir).resolve()
         status = read_status(run_dir)
-        self._clear_earlier_job(run_dir.name)
+        self._stop_earlier_job(status)
         python = os.environ.get(PYTHON_VARIABLE, "").strip() or "python"
         # The worker runs in the engine's folder, as the local supervisor runs it, so relative
         # data paths mean the same; exec makes it Ray's own child, which Ray stops and watches.
@@ -248,7 +242,7 @@ class RayExecutor:
                       f"{shlex.quote(str(run_dir))}")
         request = {
             "entrypoint": entrypoint,
-            "submission_id": run_dir.name,
+            "submission_id": submission_id(status),
             "runtime_env": {"env_vars": self.worker_environment(run_dir, status.launch_id)},
             "entrypoint_num_cpus": _number_of_cpus(),
             "metadata": {"transfer_studio_run": run_dir.name, "launch_id": status.launch_id or ""},
@@ -281,25 +275,26 @@ class RayExecutor:
         })
         return environment
 
-    def _clear_earlier_job(self, submission_id: str) -> None:
-        """Makes the submission id free again: a resumed run is submitted under the same id.
+    def _stop_earlier_job(self, status: RunStatus) -> None:
+        """Stops the job of the run's previous launch if Ray still runs it, before a resumed launch starts.
 
-        Ray keeps an ended job under its id and refuses a second one; an earlier job still
-        running (its run was judged dead meanwhile) is stopped first.
+        A run judged dead by its heartbeat (storage trouble, say) may still have its worker on
+        the cluster; the new worker could not take the run's lock while it lives.
         """
-        job = self.client.job(submission_id, timeout=SUBMIT_TIMEOUT_SECONDS)
-        if job is None:
+        if not status.resumed:
             return
-        if job.get("status") not in TERMINAL_STATES:
-            self.client.stop(submission_id)
-            deadline = time.time() + 30
-            while (job := self.client.job(submission_id)) is not None and job.get("status") not in TERMINAL_STATES:
-                if time.time() > deadline:
-                    raise RuntimeError(f"An earlier Ray job of run {submission_id} on {self.address} is still "
-                                       f"{job.get('status')} after being asked to stop; stop it with `ray job stop "
-                                       f"{submission_id}`, then resume.")
-                time.sleep(0.5)
-        self.client.delete(submission_id)
+        earlier = submission_id(status.with_changes(resumed=status.resumed - 1))
+        job = self.client.job(earlier, timeout=SUBMIT_TIMEOUT_SECONDS)
+        if job is None or job.get("status") in TERMINAL_STATES:
+            return
+        self.client.stop(earlier)
+        deadline = time.time() + 30
+        while (job := self.client.job(earlier)) is not None and job.get("status") not in TERMINAL_STATES:
+            if time.time() > deadline:
+                raise RuntimeError(f"The Ray job {earlier} of the run's previous launch is still {job.get('status')} "
+                                   f"on {self.address} after being asked to stop; stop it with `ray job stop "
+                                   f"{earlier}`, then resume.")
+            time.sleep(0.5)
 
     def state(self, run_dir: Path) -> RunStatus:
         """Reconciles the run with its Ray job and returns its status.
@@ -315,7 +310,7 @@ class RayExecutor:
         if status.state is not State.RUNNING:
             return status
         try:
-            job = self.client.job(run_dir.name)
+            job = self.client.job(submission_id(status))
         except (RayUnreachable, RayAuthenticationError, RuntimeError, ValueError) as error:
             # ValueError: an unreadable token file. Not answered is not dead: the worker may be well.
             tolerance = remote_heartbeat_seconds()
@@ -328,8 +323,8 @@ class RayExecutor:
         if job is None:
             if time.time() - (status.launched_at or 0.0) < START_GRACE_SECONDS:
                 return status  # being submitted at this moment
-            return mark_dead(run_dir, status, f"The Ray cluster at {self.address} has no job {run_dir.name}: the "
-                                              "cluster was restarted or the job was deleted.")
+            return mark_dead(run_dir, status, f"The Ray cluster at {self.address} has no job {submission_id(status)}: "
+                                              "the cluster was restarted or the job was deleted.")
         ray_state = job.get("status")
         if ray_state == PENDING:
             return self._note_pending(run_dir, status, job)
@@ -362,10 +357,23 @@ class RayExecutor:
         runfiles.atomic_write_text(Path(run_dir) / runfiles.STOP_REQUEST_FILE, now_iso() + "\n")
 
     def kill(self, run_dir: Path) -> None:
-        """Asks Ray to stop the job at once (SIGTERM, then SIGKILL); the run ends failed, "Killed by the user."."""
+        """Asks Ray to stop the job at once (SIGTERM, then SIGKILL); the run ends failed, "Killed by the user.".
+
+        Raises:
+            RayAuthenticationError: the cluster wants a token, or another one.
+            ValueError: the cluster could not be asked (it does not answer, or refused); the
+                run is left as it was, and the message says so.
+        """
         run_dir = Path(run_dir)
-        runfiles.atomic_write_text(run_dir / runfiles.KILL_REQUEST_FILE, now_iso() + "\n")
-        self.client.stop(run_dir.name)
+        request = run_dir / runfiles.KILL_REQUEST_FILE
+        runfiles.atomic_write_text(request, now_iso() + "\n")
+        try:
+            self.client.stop(submission_id(read_status(run_dir)))
+        except (RayUnreachable, RuntimeError) as error:
+            # Nothing was killed: a later end of this worker must not read as the user's kill.
+            request.unlink(missing_ok=True)
+            raise ValueError(f"Run {run_dir.name} was not killed: {_one_line(error, 400)} Stop still works "
+                             "(the worker reads a file), or try Kill again once the cluster answers.") from None
 
     def logs(self, run_dir: Path, lines: int = 40) -> str:
         """The tail of `worker.log`; Ray's output of the job when the worker wrote nothing (it could not start)."""
@@ -373,8 +381,19 @@ class RayExecutor:
         if tail:
             return tail
         with contextlib.suppress(RayUnreachable, RayAuthenticationError, RuntimeError, ValueError):
-            return "\n".join(self.client.logs(Path(run_dir).name).splitlines()[-lines:])
+            return "\n".join(self.client.logs(submission_id(read_status(run_dir))).splitlines()[-lines:])
         return ""
+
+
+def submission_id(status: RunStatus) -> str:
+    """The Ray submission id of the run's current launch: the run id, `<run id>-resume<N>` after N resumes.
+
+    A resumed run needs a new Ray job, and Ray cannot give an ended job's id to a new one
+    reliably: deleting the old job and submitting under its id at once makes the new job
+    fail ("Job supervisor actor died") while the old job's supervisor actor, which has the
+    same name, is still ending (Ray 2.60.0: both of two tries).
+    """
+    return status.run_id if not status.resumed else f"{status.run_id}-resume{status.resumed}"
 
 
 def _number_of_cpus() -> float:

@@ -176,8 +176,12 @@ def on_ray(monkeypatch, tmp_path):
 
 
 def _wait_for_epochs(run_dir: Path, count: int, timeout: float = 180.0) -> list:
-    return wait_until(lambda: (events := epoch_events(run_dir)) and len(events) >= count and events,
-                      timeout=timeout, what=f"{count} epochs in {run_dir.name}'s metrics.jsonl")
+    try:
+        return wait_until(lambda: (events := epoch_events(run_dir)) and len(events) >= count and events,
+                          timeout=timeout, what=f"{count} epochs in {run_dir.name}'s metrics.jsonl")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the run reads {read_status(run_dir)}; its log ends:\n"
+                             f"{runfiles.log_tail(run_dir, 30)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def test_a_run_on_ray_trains_stops_resumes_and_is_killed(ray_cluster, on_ray, mo
     wait_until(lambda: ray_cluster.job(run_id)["status"] == "SUCCEEDED", timeout=30, what="the Ray job to end")
     epochs_before = len(epoch_events(run_dir))
 
-    # Resume submits again under the same submission id (the ended job is forgotten first).
+    # Resume submits a new Ray job, named after the run and its resume.
     resumed = jobs.resume(run_id, runs_dir)
     assert resumed.state is State.RUNNING
     _wait_for_epochs(run_dir, epochs_before + 1)
@@ -214,11 +218,14 @@ def test_a_run_on_ray_trains_stops_resumes_and_is_killed(ray_cluster, on_ray, mo
     assert any(event.get("type") == "resume" for event in events)
     assert [event["epoch"] for event in epoch_events(run_dir)][epochs_before] == epochs_before + 1
 
+    assert ray_cluster.job(f"{run_id}-resume1")["status"] == "RUNNING"
+
     # Kill goes through Ray's stop_job.
     killed = jobs.kill(run_id, runs_dir)
     killed = killed if killed.state is not State.RUNNING else jobs.wait_for(run_id, timeout=30, runs_dir=runs_dir)
     assert killed.state is State.FAILED and killed.message == "Killed by the user.", killed
-    assert ray_cluster.job(run_id)["status"] == "STOPPED"
+    assert ray_cluster.job(f"{run_id}-resume1")["status"] == "STOPPED"
+    assert ray_cluster.job(run_id)["status"] == "SUCCEEDED"  # the first launch's job, as it ended
     assert "Resuming on the same split" in jobs.logs(run_id, runs_dir, lines=400)  # worker.log, on shared storage
 
 
@@ -382,9 +389,6 @@ class FakeJobsApi:
         job = self.jobs.get(parts[2]) if len(parts) > 2 else None
         if job is None:
             return httpx.Response(404, text=f"Job {parts[-1]} does not exist")
-        if request.method == "DELETE":
-            del self.jobs[parts[2]]
-            return httpx.Response(200, json={"deleted": True})
         if request.method == "POST" and parts[-1] == "stop":
             job["status"] = "STOPPED"
             return httpx.Response(200, json={"stopped": True})
@@ -482,6 +486,24 @@ def test_ray_job_states_map_onto_the_run(fake_api, tmp_path, data):
     assert (running / runfiles.STOP_REQUEST_FILE).is_file() and len(fake_api.requests) == sent
 
 
+def test_a_resumed_run_is_a_new_ray_job_and_an_earlier_job_still_running_is_stopped(fake_api, tmp_path, data):
+    executor = RayExecutor("http://head:8265", httpx.MockTransport(fake_api))
+    run_dir = launched_run(tmp_path / "runs", data)
+    executor.submit(run_dir)
+    fake_api.jobs[run_dir.name]["status"] = "RUNNING"
+    # Judged dead on the server (no heartbeat through a storage hiccup) while Ray still runs it, then resumed.
+    transition(run_dir, State.FAILED, stage=Stage.DONE, message="No heartbeat.")
+    transition(run_dir, State.QUEUED, stage=Stage.QUEUED, message="Waiting to resume.", resumed=1, launch_id=None)
+    transition(run_dir, State.RUNNING, stage=Stage.STARTING, message="Starting the worker process.",
+               launch_id=new_launch_id(), launched_at=time.time())
+    executor.submit(run_dir)
+    assert fake_api.jobs[run_dir.name]["status"] == "STOPPED"
+    assert fake_api.jobs[f"{run_dir.name}-resume1"]["request"]["runtime_env"]["env_vars"][
+        "TRANSFER_STUDIO_LAUNCH_ID"] == read_status(run_dir).launch_id
+    fake_api.jobs[f"{run_dir.name}-resume1"]["status"] = "RUNNING"
+    assert executor.state(run_dir).state is State.RUNNING  # the resumed launch's job is the one asked
+
+
 def test_an_unreachable_cluster_fails_a_run_only_after_the_heartbeat_tolerance(fake_api, monkeypatch, tmp_path, data):
     executor = RayExecutor("http://head:8265", httpx.MockTransport(fake_api))
     run_dir = launched_run(tmp_path / "runs", data)
@@ -489,6 +511,10 @@ def test_an_unreachable_cluster_fails_a_run_only_after_the_heartbeat_tolerance(f
     fake_api.unreachable = True
     monkeypatch.setenv("TRANSFER_STUDIO_REMOTE_HEARTBEAT_SECONDS", "30")
     assert executor.state(run_dir).state is State.RUNNING  # a fresh heartbeat: not failed at the first error
+    # Kill needs the cluster: it says so, and leaves no kill request that would mislabel a later end.
+    with pytest.raises(ValueError, match="was not killed: The Ray cluster at http://head:8265 cannot be reached"):
+        executor.kill(run_dir)
+    assert not (run_dir / runfiles.KILL_REQUEST_FILE).exists()
     runfiles.atomic_write_json(run_dir / runfiles.STATUS_FILE, {
         **read_status(run_dir).to_dict(), "heartbeat": time.time() - 31})
     status = executor.state(run_dir)
