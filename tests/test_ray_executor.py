@@ -353,6 +353,15 @@ def test_an_unreachable_cluster_at_submission_is_a_clear_error_and_leaves_no_run
     assert not any(run.state is State.RUNNING for run in map(read_status, runs_dir.glob("*/")))
     without_detach = run_cli("train", "--executor", "ray", "--data", data, "--runs-dir", runs_dir)
     assert without_detach.returncode == 2 and "add --detach" in without_detach.stderr
+    # `resume --executor ray` moves a stopped local run to the cluster (here: one that does not answer).
+    local_run = create_run(job_config(data), runs_dir)
+    record_executor(local_run, ExecutorChoice("local"))
+    transition(local_run, State.STOPPED, stage=Stage.DONE, message="Stopped before it started.")
+    moved = run_cli("resume", local_run.name, "--executor", "ray", "--runs-dir", runs_dir,
+                    env={"RAY_ADDRESS": address, "HOME": os.environ["HOME"]})
+    assert moved.returncode == 2 and "cannot be reached" in moved.stderr, moved.stderr
+    assert recorded_executor(local_run) == ExecutorChoice("ray", address)
+    assert read_status(local_run).state is State.FAILED
 
 
 def test_the_train_page_says_where_runs_execute(app_environment, monkeypatch):
