@@ -6,6 +6,7 @@
 - `MetricsLogger`: appends per-batch and per-epoch events to `metrics.jsonl`.
 - `ProgressReporter`: keeps `status.json`'s progress current (stage, epoch, ETA, speed, best accuracy).
 - `TerminalProgress`: a progress line on the CLI's terminal.
+- `TensorBoardWriter`: the same events as TensorBoard scalars in `RUN_DIR/tensorboard/`.
 - `EpochCheckpoint`: saves the model after every complete epoch, for resume.
 - `BestFullModelCheckpoint`: `best.keras` as the full model while only the head trains.
 
@@ -30,6 +31,9 @@ from engine.status import LaunchStatus, Stage
 # while a slow one still reports every batch well within the 2-second promise.
 BATCH_EVENT_INTERVAL_SECONDS = 0.5
 STAGE_OF_PHASE = {1: Stage.TRAINING_HEAD, 2: Stage.FINE_TUNING}
+
+
+TENSORBOARD_FOLDER = "tensorboard"
 
 
 def current_learning_rate(model) -> Optional[float]:
@@ -358,3 +362,66 @@ class BestFullModelCheckpoint(keras.callbacks.Callback):
             model = self.full_model()
             copy_head_weights(self.model, model)
             runfiles.write_through_temporary(self.path, model.save)
+
+
+class TensorBoardWriter(keras.callbacks.Callback):
+    """Writes MetricsLogger's events as TensorBoard scalars into `RUN_DIR/tensorboard/`.
+
+    Per batch (as often as metrics.jsonl gets them): `batch/loss`, `batch/accuracy`,
+    `batch/learning_rate` at the global step; per epoch: `epoch/loss`, `epoch/accuracy`,
+    `epoch/val_loss`, `epoch/val_accuracy`, `epoch/learning_rate` at the epoch number. So
+    `tensorboard --logdir runs/` shows every run beside the others. Keras's own TensorBoard
+    callback is not used: with many batches per TensorFlow call (cached features) it logs
+    per call, and its epoch numbers restart on resume; these events are the ones the app shows.
+
+    Args:
+        run_dir: The run folder.
+        metrics: The phase's MetricsLogger, whose events are mirrored (it must run first).
+    """
+
+    def __init__(self, run_dir, metrics: "MetricsLogger"):
+        super().__init__()
+        import importlib.util
+
+        import tensorflow as tf
+
+        self.metrics = metrics
+        # tf.summary.scalar lives in the tensorboard package (pinned in requirements.txt); without
+        # it a run still trains, only without event files.
+        self.writer = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            self.writer = tf.summary.create_file_writer(str(Path(run_dir) / TENSORBOARD_FOLDER))
+        self._last_batch: Optional[dict] = None
+        self._last_epoch: Optional[dict] = None
+
+    def _write(self, prefix: str, event: dict, names: tuple, step: int) -> None:
+        import tensorflow as tf
+
+        if self.writer is None:
+            return
+        with self.writer.as_default():
+            for name in names:
+                value = event.get(name)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    tf.summary.scalar(f"{prefix}/{name}", value, step=step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        event = self.metrics.last_batch_event
+        if event is None or event is self._last_batch:
+            return
+        self._last_batch = event
+        step = (event["epoch"] - 1) * event["steps"] + event["step"]
+        self._write("batch", event, ("loss", "accuracy", "learning_rate"), step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        event = self.metrics.last_epoch_event
+        if event is None or event is self._last_epoch:
+            return
+        self._last_epoch = event
+        self._write("epoch", event, ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"), event["epoch"])
+        if self.writer is not None:
+            self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.flush()

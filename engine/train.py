@@ -593,7 +593,7 @@ def _fit(training: Training, model, train_data, validation_data, phase: int, fir
             counts on from where phase 1 really ended, early stopping included).
     """
     from engine.callbacks import (EpochCheckpoint, EpochsToValidate, MetricsLogger, ProgressReporter, StopOnRequest,
-                                  TerminalProgress)
+                                  TensorBoardWriter, TerminalProgress)
 
     stop = StopOnRequest(training.run_dir, training.steps_per_epoch, superseded=lambda: training.status.superseded)
     metrics = MetricsLogger(training.run_dir, phase, training.steps_per_epoch, training.config.training.batch_size,
@@ -606,6 +606,8 @@ def _fit(training: Training, model, train_data, validation_data, phase: int, fir
                                   if training.status.last else None)]
     if training.echo is not None:
         callbacks.append(TerminalProgress(training.echo, metrics))
+    # After the metrics logger, whose events it mirrors for `tensorboard --logdir runs/`.
+    callbacks.insert(callbacks.index(metrics) + 1, TensorBoardWriter(training.run_dir, metrics))
     model.fit(train_data, validation_data=validation_data, validation_freq=EpochsToValidate(stop),
               initial_epoch=first_epoch, epochs=final_epoch, callbacks=callbacks + extra_callbacks + [stop],
               class_weight=training.class_weight, shuffle=False, verbose=0)

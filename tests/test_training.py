@@ -12,7 +12,7 @@ from engine.config import RunConfig
 from engine.runs import create_run, get_run, list_runs
 from engine.status import State
 from engine.train import run_training
-from tests.conftest import RUN_FILES, tiny_config
+from tests.conftest import RUN_FILES, make_dataset, tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.training
@@ -156,3 +156,24 @@ def test_a_failed_run_keeps_its_status_and_log(tmp_path):
     assert "At least two classes" in status["message"] and "\n" not in status["message"]
     assert "Traceback" in (run_dir / "worker.log").read_text()
     assert json.loads((run_dir / "config.json").read_text())["data"]["path"] == str(data)
+
+
+@pytest.mark.training
+def test_a_run_writes_tensorboard_event_files_with_its_epochs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine import train_run
+
+    data = make_dataset(tmp_path / "data", per_class=10)
+    run_dir = train_run(tiny_config(data, **{"training.epochs": 3, "data.cache": "memory"}), tmp_path / "runs")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+    assert {"epoch/loss", "epoch/val_accuracy", "epoch/learning_rate", "batch/loss"} <= tags, tags
+    values = events.Tensors("epoch/val_accuracy")
+    assert [value.step for value in values] == [1, 2, 3]
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recorded = [event["val_accuracy"] for event in epochs if event["type"] == "epoch"]
+    from tensorflow import make_ndarray
+
+    assert [float(make_ndarray(value.tensor_proto)) for value in values] == pytest.approx(recorded, abs=1e-6)
