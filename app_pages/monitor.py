@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import interpret, jobs
+from engine.executors import recorded_executor
 from engine.images import printable
 from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
@@ -69,10 +70,11 @@ def controls(run: RunStatus) -> None:
         if right.button("Kill", disabled=bool(note) or state is not State.RUNNING, key="kill",
                         help="End the worker at once, if Stop does not respond."):
             jobs.kill(run.run_id, runs_root(), user=user, source="page")
-    except (PermissionError, ValueError) as error:
+    except (PermissionError, ValueError, RuntimeError) as error:  # RuntimeError: a Ray cluster's answer
         st.error(str(error))
     if note:
         st.caption(note)
+    st.caption(f"Executes {recorded_executor(run.path).describe()}.")
 
 
 STATE_LINES = {State.RUNNING: st.info, State.QUEUED: st.info, State.FINISHED: st.success,

@@ -207,6 +207,7 @@ def draw_form(disabled: bool = False) -> bool:
         with st.expander("Advanced"):
             widget(st.number_input, "training.seed", step=1)
             widget(st.number_input, "data.split_seed", step=1)
+            widget(st.number_input, "training.gpus", step=1)
             widget(st.selectbox, "data.cache")
             widget(st.text_input, "name")
         return st.form_submit_button("Start training", type="primary", disabled=disabled)

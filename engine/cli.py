@@ -16,7 +16,9 @@ from typing import Optional
 # Keep TensorFlow's C++ start-up chatter out of the terminal; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from engine import cli_experiments  # noqa: E402
 from engine.backbones import BACKBONES  # noqa: E402
+from engine.caches import add_cache_arguments, run_cache_command  # noqa: E402
 from engine.config import RunConfig, add_arguments, overrides_from_arguments, set_dotted  # noqa: E402
 from engine.executors import EXECUTOR_NAMES  # noqa: E402
 
@@ -28,6 +30,16 @@ class CommandError(Exception):
     """A user error to print on one line."""
 
 
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--runs-dir`, one flag per declared setting and `--set`: what train, sweep and lr-find take."""
+    parser.add_argument("--config", help="a JSON or YAML config file (see configs/)")
+    parser.add_argument("--runs-dir", help="where run folders go (default $TRANSFER_STUDIO_RUNS or ./runs)")
+    # One flag per declared setting (engine.config): help, choices and types come from the declarations.
+    add_arguments(parser, extra_help=TRAIN_HELP)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     # exit_on_error=False: a bad flag value becomes one `error: ...` line (see main), like every other error.
@@ -37,12 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a classifier on a folder of class subfolders",
                                 exit_on_error=False)
-    train.add_argument("--config", help="a JSON or YAML config file (see configs/)")
-    train.add_argument("--runs-dir", help="where run folders go (default $TRANSFER_STUDIO_RUNS or ./runs)")
-    # One flag per declared setting (engine.config): help, choices and types come from the declarations.
-    add_arguments(train, extra_help=TRAIN_HELP)
-    train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                       help="any other setting by its dotted name, e.g. callbacks.early_stopping.enabled=true")
+    add_train_options(train)
     train.add_argument("--quiet", action="store_true", help="print only the run folder")
     train.add_argument("--detach", action="store_true",
                        help="start through the queue in a background process and print the run id")
@@ -131,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     backbones = commands.add_parser("backbones", help="list backbones and whether their weights are offline")
     backbones.add_argument("--json", action="store_true")
+
+    cache = commands.add_parser("cache", help="what is cached (dataset, backbone, size, last use); clear all or "
+                                              "part of it, or trim it to its budget")
+    add_cache_arguments(cache)
+    cli_experiments.add_commands(commands, add_train_options)
 
     check = commands.add_parser("check", help="the data doctor: what is wrong or doubtful in a dataset folder")
     check.add_argument("data", help=TRAIN_HELP["data.path"])
@@ -591,6 +603,8 @@ COMMANDS = {
     "export": command_export,
     "explain": command_explain,
     "operating-point": command_operating_point,
+    "cache": run_cache_command,
+    **cli_experiments.COMMANDS,
 }
 
 
