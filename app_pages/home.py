@@ -42,6 +42,8 @@ def runs_table(runs) -> None:
     table = pd.DataFrame([
         {
             "Name": run.name or run.run_id,
+            # The id near the front: the grid only lays out the columns in view, and ids are what links use.
+            "Run": run.run_id,
             "Tags": ", ".join(run.tags),
             "Owner": owner_label(run),
             "State": run.state.value,
@@ -50,7 +52,6 @@ def runs_table(runs) -> None:
             "Best validation accuracy": run.best_val_accuracy,
             "Started": run.created,
             "Description": run.description,
-            "Run": run.run_id,
         }
         for run in runs
     ])

@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import launch_chromium, make_dataset, screenshot_whole_page, serve_dashboard, tiny_config
 
-pytestmark = [pytest.mark.browser, pytest.mark.training]
+# slow: a real sweep and a browser, 75 s; make test-all runs it (make test stays under its time budget).
+pytestmark = [pytest.mark.browser, pytest.mark.training, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -54,8 +54,12 @@ def test_a_person_exports_onnx_sees_the_parity_check_and_downloads_the_zip(expor
         expect(main.get_by_role("heading", name="The parity check")).to_be_visible()
         table = main.get_by_test_id("stDataFrame")
         expect(table).to_be_visible()
-        # The grid draws on a canvas; its accessible cells carry the same values, in column order.
-        cells = table.locator("td, [role=gridcell]").all_inner_texts()
+        # The grid draws on a canvas; its accessible cells carry the same values, in column order,
+        # once it has drawn (reading them earlier gives an empty list).
+        grid_cells = table.locator("td, [role=gridcell]")
+        grid_cells.first.wait_for(state="attached", timeout=30000)
+        expect(grid_cells.nth(4)).to_be_attached()
+        cells = grid_cells.all_inner_texts()
         download_button = main.get_by_role("button", name="onnx (zip)")
         expect(download_button).to_be_visible()
         screenshot_whole_page(page, tmp_path / "export.png")

@@ -32,6 +32,7 @@ def test_the_range_test_on_separable_features_falls_then_blows_up():
 
 @pytest.mark.training
 @pytest.mark.real_data
+@pytest.mark.slow  # 35-50 s of feature extraction and two trainings; make test-all runs it
 def test_the_suggestion_on_digits_trains_at_least_as_well_as_the_default(keras_home_with_mobilenet, tmp_path):
     from engine import train_run
     from engine.lr_finder import find_learning_rate

@@ -574,7 +574,8 @@ def test_a_team_shares_runs_by_role_through_a_real_provider(team_app, provider, 
     victor.goto(f"{app_url}/evaluate?run={finished}")
     victor.get_by_role("heading", name="Confusion matrix").wait_for(timeout=30000)
     expect(victor.get_by_role("combobox", name="Run")).to_have_value(
-        re.compile(rf"^{re.escape(finished)} · finished · best \d+\.\d% · Alice Example$"))
+        # "<default name> (<run id>) · finished · best …": every run has a name now.
+        re.compile(rf"^.+ \({re.escape(finished)}\) · finished · best \d+\.\d% · Alice Example$"))
     victor.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=30000)
     screenshot(victor, "11-viewer-evaluate")
     go_to(victor, "Train")
