@@ -5,17 +5,12 @@ chart gain points, opens Evaluate, clicks a confusion-matrix cell, predicts one 
 Screenshots of every page go to test-artifacts/screenshots/.
 """
 
-import os
 import re
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHROMIUM, REPO_ROOT, free_port, launch_chromium, make_dataset, stop_live_workers
+from tests.conftest import REPO_ROOT, launch_chromium, make_dataset, serve_dashboard, stop_live_workers
 
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 pytestmark = [pytest.mark.browser, pytest.mark.training]
@@ -25,36 +20,16 @@ pytestmark = [pytest.mark.browser, pytest.mark.training]
 @pytest.fixture
 def app_server(tmp_path):
     """The dashboard, served by `streamlit run` on a free local port with its own runs and data folders."""
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed; .ci/run installs it (apt-get install chromium)")
     data_dir = tmp_path / "appdata"
     make_dataset(data_dir / "colours", classes=("birds", "cats", "dogs"), per_class=16)
-    port = free_port()
-    environment = {**os.environ, "TRANSFER_STUDIO_RUNS": str(tmp_path / "runs"),
-                   "TRANSFER_STUDIO_DATA": str(data_dir), "TRANSFER_STUDIO_OFFLINE": "1"}
-    log = open(tmp_path / "streamlit.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        server.kill()
-        pytest.fail("the dashboard did not start: " + (tmp_path / "streamlit.log").read_text()[-2000:])
-    yield url, data_dir, tmp_path / "runs"
-    server.terminate()
-    server.wait(timeout=20)
-    # Runs the browser started outlive the server by design (detached workers): end them too.
-    stop_live_workers(tmp_path / "runs")
-    log.close()
+    environment = {"TRANSFER_STUDIO_RUNS": str(tmp_path / "runs"), "TRANSFER_STUDIO_DATA": str(data_dir),
+                   "TRANSFER_STUDIO_OFFLINE": "1"}
+    try:
+        with serve_dashboard(tmp_path / "streamlit.log", environment) as url:
+            yield url, data_dir, tmp_path / "runs"
+    finally:
+        # Runs the browser started outlive the server by design (detached workers): end them too.
+        stop_live_workers(tmp_path / "runs")
 
 
 @pytest.fixture
