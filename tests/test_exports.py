@@ -246,6 +246,64 @@ def test_the_converter_error_names_the_ops():
     assert "Erfinv, Roll" in str(error) and "ConvNeXtTiny" in str(error) and "ONNX" in str(error)
 
 
+def test_float16_stores_conv_and_dense_weights_in_half_and_keeps_the_small_constants(tmp_path):
+    """A real conversion of a small conv → depthwise → conv → dense model, run by LiteRT's interpreter."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from engine.exports.tflite import write_tflite
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3))
+    hidden = keras.layers.Conv2D(64, 3, activation="relu")(inputs)
+    hidden = keras.layers.DepthwiseConv2D(3, activation="relu")(hidden)
+    hidden = keras.layers.Conv2D(128, 1, activation="relu")(hidden)
+    outputs = keras.layers.Dense(5, activation="softmax")(keras.layers.GlobalAveragePooling2D()(hidden))
+    model = keras.Model(inputs, outputs)
+    (tmp_path / "float32").mkdir()
+    (tmp_path / "float16").mkdir()
+    write_tflite(model, tmp_path / "float32", "none")
+    written = write_tflite(model, tmp_path / "float16", "float16")
+    assert written["float16_weights"] == 3  # two convolutions and the dense layer
+
+    flat = flatbuffer_utils.read_model(str(tmp_path / "float16" / "model.tflite"))
+    graph = flat.subgraphs[0]
+    names = {number: name for name, number in vars(schema.BuiltinOperator).items() if name.isupper()}
+    kinds = {"FLOAT16": schema.TensorType.FLOAT16, "FLOAT32": schema.TensorType.FLOAT32}
+    produced_by = {output: operator for operator in graph.operators for output in operator.outputs}
+
+    def stored_type(tensor_index):
+        """The type the constant is stored in: through a DEQUANTIZE op, that op's input's."""
+        operator = produced_by.get(tensor_index)
+        if operator is not None and names[flat.operatorCodes[operator.opcodeIndex].builtinCode] == "DEQUANTIZE":
+            return graph.tensors[operator.inputs[0]].type
+        return graph.tensors[tensor_index].type
+
+    for operator in graph.operators:
+        name = names[flat.operatorCodes[operator.opcodeIndex].builtinCode]
+        if name in ("CONV_2D", "FULLY_CONNECTED"):
+            assert stored_type(operator.inputs[1]) == kinds["FLOAT16"], name
+            if len(operator.inputs) > 2 and operator.inputs[2] >= 0:  # -1: no bias input
+                assert stored_type(operator.inputs[2]) == kinds["FLOAT32"], f"{name} bias"
+        if name == "DEPTHWISE_CONV_2D":
+            assert stored_type(operator.inputs[1]) == kinds["FLOAT32"] and stored_type(operator.inputs[2]) == kinds["FLOAT32"]
+    sizes = {kind: (tmp_path / kind / "model.tflite").stat().st_size for kind in ("float32", "float16")}
+    assert sizes["float16"] < 0.6 * sizes["float32"], sizes
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    expected = model.predict(pixels, verbose=0)
+    interpreter = Interpreter(model_path=str(tmp_path / "float16" / "model.tflite"))
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    answered = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    difference = np.max(np.abs(answered - expected))
+    assert 0 < difference < 1e-2  # rounded (not float32 in disguise) and close
+
+
 def test_a_model_with_an_op_tflite_lacks_is_refused_with_the_op_named(tmp_path):
     """A real converter run: erfinv has no TFLite built-in kernel (it would need Flex)."""
     import keras
@@ -332,10 +390,10 @@ def train_cats_vs_dogs(shared_dir, runs_dir, backbone, environment=None):
 def check_every_format(run_dir, label) -> dict:
     """Exports every format/quantize, prints the table, returns {(format, quantize): parity}.
 
-    The float32 exports must pass their marks. A quantised export may miss its mark (it is then
-    kept and marked failed, which is checked), but must stay close: float16 within 2e-2, int8 with
-    ≥ 95 % top-1 agreement and accuracy at most 1 point lower. MobileNet α=0.25 is such a model:
-    on 500 images float16 differs by up to 1.2e-2 and int8 agrees on 96.8 % (docs/exports.md).
+    The float32 and float16 exports must pass their marks. int8 may miss its mark (it is then
+    kept and marked failed, which is checked), but must stay close: ≥ 95 % top-1 agreement and
+    accuracy at most 1 point lower. MobileNet α=0.25 is such a model: on 500 images its int8
+    export agrees on 96.4–98.4 % depending on the seed (docs/exports.md).
     """
     from engine.exports import export_run, list_exports
     from engine.exports.report import markdown_table
@@ -344,11 +402,10 @@ def check_every_format(run_dir, label) -> dict:
     print(f"\n{label}:\n{markdown_table(list_exports(run_dir))}")
     for (format, quantize), parity in results.items():
         assert parity["images"] == REAL_DATA_SAMPLE and parity["skipped_images"] == 0
-        if quantize == "none":
-            assert parity["passed"], (format, parity)
+        if quantize != "int8":
+            assert parity["passed"], (format, quantize, parity)
     listed = {(item["format"], item["quantize"]): item["passed"] for item in list_exports(run_dir)}
     assert listed == {case: parity["passed"] for case, parity in results.items()}
-    assert results[("tflite", "float16")]["max_abs_difference"] <= 2e-2
     int8 = results[("tflite", "int8")]
     assert int8["top1_agreement"] >= 0.95 and int8["accuracy_export"] >= int8["accuracy_keras"] - 0.01
     return results

@@ -8,8 +8,12 @@ with them would fail at its user's first call rather than here.
 
 Quantisation:
     none: float32 weights and activations.
-    float16: float16 weights (half the file), float32 input and output; the CPU kernels
-        dequantise the weights once at load.
+    float16: the convolution and dense weights stored as float16 (about half the file), float32
+        input and output; the CPU kernels dequantise them once at load. Written from the float32
+        conversion by `store_large_weights_in_float16`, not by the converter's float16 mode: that
+        mode rounds every constant, and rounding MobileNet's small depthwise kernels (batch norm
+        folded in) alone moved its probabilities by 1.5e-2, over the float16 mark, for 3 % of the
+        file; the converter cannot keep selected ops in float32 (docs/exports.md, "float16").
     int8: full-integer: int8 weights and activations calibrated on the run's training images,
         uint8 input (raw 0–255 pixels map one to one: scale 1, zero point 0), float32 output
         (one dequantise op at the end, so the output is a probability as in the float models).
@@ -17,6 +21,7 @@ Quantisation:
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import re
 from pathlib import Path
@@ -54,10 +59,7 @@ def write_tflite(model, folder: Path, quantize: str = "none",
 
     converter_settings: dict = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
     representative_count = 0
-    if quantize == "float16":
-        converter_settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
-        converter_settings["target_spec"]["supported_types"] = [tf.float16]
-    elif quantize == "int8":
+    if quantize == "int8":
         images = representative_images() if representative_images else None
         if images is None or len(images) == 0:
             raise ValueError("int8 quantisation needs representative images (the run's training images); "
@@ -82,7 +84,7 @@ def write_tflite(model, folder: Path, quantize: str = "none",
             "inference_input_type": tf.uint8,
             "inference_output_type": tf.float32,
         })
-    elif quantize != "none":
+    elif quantize not in ("none", "float16"):
         raise ValueError(f"`quantize` must be 'none', 'float16' or 'int8' for TFLite; received quantize={quantize!r}.")
 
     path = Path(folder) / MODEL_NAME
@@ -90,10 +92,101 @@ def write_tflite(model, folder: Path, quantize: str = "none",
         model.export(str(path), format="litert", verbose=False, **converter_settings)
     except Exception as error:  # noqa: BLE001 - the converter raises its own ConverterError types
         raise unsupported_ops_error(error, backbone, quantize) from error
-    return {"model_path": path,
+    float16_weights = store_large_weights_in_float16(path) if quantize == "float16" else 0
+    return {"model_path": path, "float16_weights": float16_weights,
             "runtime": {"name": "ai-edge-litert", "version": importlib.metadata.version("ai-edge-litert")},
             "input_dtype": "uint8" if quantize == "int8" else "float32",
             "representative_images": representative_count}
+
+
+# The weights stored in float16: those read by these (op, input position) pairs. Everything else
+# (depthwise kernels, biases, the preprocessing's scale and offset) stays float32.
+FLOAT16_WEIGHT_INPUTS = (("CONV_2D", 1), ("FULLY_CONNECTED", 1))
+# DEQUANTIZE with a float16 input is version 3 of the op (what the converter itself writes).
+DEQUANTIZE_FLOAT16_VERSION = 3
+
+
+def store_large_weights_in_float16(path: Path) -> int:
+    """Rewrites a float32 .tflite in place so convolution and dense weights are stored as float16.
+
+    Each such weight becomes a float16 constant followed by a DEQUANTIZE op whose float32
+    output is the tensor the convolution reads: the same pattern the converter's float16 mode
+    writes, which the interpreters (XNNPACK included) run as float32 after dequantising once at
+    load. Only the weights of CONV_2D and FULLY_CONNECTED are rounded; they are nearly all of
+    the file. TensorFlow's own flatbuffer object API does the reading and writing
+    (`tensorflow.lite.tools.flatbuffer_utils`); no library offers selective float16 storage.
+
+    Returns:
+        How many weight tensors are now stored as float16.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    operator_names = {number: name for name, number in vars(schema.BuiltinOperator).items() if name.isupper()}
+
+    def operator_name(operator) -> str:
+        code = model.operatorCodes[operator.opcodeIndex]
+        # Codes above 127 live only in builtinCode; below, older files fill only the deprecated field.
+        return operator_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+    dequantize = _operator_code_index(model, schema.BuiltinOperator.DEQUANTIZE, DEQUANTIZE_FLOAT16_VERSION)
+    # A buffer two tensors share keeps its float32 bytes; one only this tensor reads is emptied.
+    readers = collections.Counter(tensor.buffer for subgraph in model.subgraphs for tensor in subgraph.tensors)
+    stored = 0
+    for subgraph in model.subgraphs:
+        weights = sorted({operator.inputs[position] for operator in subgraph.operators
+                          for name, position in FLOAT16_WEIGHT_INPUTS
+                          if operator_name(operator) == name and len(operator.inputs) > position
+                          and operator.inputs[position] >= 0})
+        dequantize_operators = []
+        for index in weights:
+            tensor = subgraph.tensors[index]
+            data = model.buffers[tensor.buffer].data
+            if tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) == 0:
+                continue  # not a float32 constant (an activation, or already quantised)
+            halves = np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=np.float32).astype(np.float16)
+            half_tensor = schema.TensorT()
+            half_tensor.shape, half_tensor.type = tensor.shape, schema.TensorType.FLOAT16
+            half_tensor.name = (tensor.name or b"") + b"_float16"
+            half_tensor.buffer = _append_buffer(model, np.frombuffer(halves.tobytes(), dtype=np.uint8))
+            subgraph.tensors.append(half_tensor)
+            if readers[tensor.buffer] == 1:
+                model.buffers[tensor.buffer].data = None
+            tensor.buffer = _append_buffer(model, None)  # now computed by the DEQUANTIZE op
+            operator = schema.OperatorT()
+            operator.opcodeIndex, operator.inputs, operator.outputs = dequantize, [len(subgraph.tensors) - 1], [index]
+            dequantize_operators.append(operator)
+            stored += 1
+        # First in the list: they read only constants, so the order stays a valid execution order.
+        subgraph.operators = dequantize_operators + subgraph.operators
+    flatbuffer_utils.write_model(model, str(path))
+    return stored
+
+
+def _operator_code_index(model, builtin_code: int, version: int) -> int:
+    """The index of an operator code in the model's table, added when the model has none."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    for index, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin_code:
+            code.version = max(code.version, version)
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = builtin_code
+    code.version = version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _append_buffer(model, data) -> int:
+    """Adds a buffer (None: empty, for a tensor an op computes) and returns its index."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    buffer = schema.BufferT()
+    buffer.data = data
+    model.buffers.append(buffer)
+    return len(model.buffers) - 1
 
 
 def ops_named_in(message: str) -> list[str]:
