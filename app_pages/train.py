@@ -1,4 +1,8 @@
-"""Train: every engine setting in one form, with presets; Start launches through the job queue."""
+"""Train: every engine setting in one form, with presets; Start launches through the job queue.
+
+Under the form, the experiments (`app_pages/train_experiments.py`): a sweep over a few settings,
+"Which backbone fits my data?" and the learning-rate finder.
+"""
 
 import streamlit as st
 
@@ -8,6 +12,7 @@ from engine.config import WEIGHTS_SOURCES, ConfigError, RunConfig, Setting, set_
 from engine.executors import where_runs_execute
 from engine.ingest import resolve_in_roots
 from engine.locations import data_roots, presets_dir
+from app_pages import train_experiments as experiments
 from signin import page_user
 from ui import access_limits, runs_root, secret_data_roots
 
@@ -95,8 +100,12 @@ def collect() -> dict:
     return data
 
 
-def validate(data: dict):
-    """Builds the config or returns {field: message} naming what is wrong."""
+def validate(data: dict, check_weights: bool = True):
+    """Builds the config or returns {field: message} naming what is wrong.
+
+    `check_weights=False` leaves the backbone's ImageNet weights unchecked, for a sweep that
+    replaces the backbone (and checks each of its runs).
+    """
     try:
         config = RunConfig.from_dict(data)
     except ConfigError as error:
@@ -105,7 +114,7 @@ def validate(data: dict):
         resolve_in_roots(config.data.path, data_roots(secret_data_roots()))
     except ValueError as error:
         return None, {"data.path": str(error)}
-    if config.model.weights == "imagenet":
+    if check_weights and config.model.weights == "imagenet":
         # Say it here, before a run is started, rather than as a failed run.
         try:
             check_imagenet_weights(config.model.backbone, config.model.resolved_alpha, config.model.resolved_image_size)
@@ -119,8 +128,12 @@ def backbone_label(name: str, offline: dict) -> str:
     return f"{name} — {BACKBONES[name].family} ({ready})"
 
 
-def draw_form(disabled: bool = False) -> bool:
-    """Every setting in one form; True when Start was pressed (`disabled` for viewers)."""
+def draw_form(disabled: bool = False) -> str:
+    """Every setting in one form, and its buttons (`disabled` for viewers).
+
+    Returns:
+        The pressed button: "train", "sweep", "find_rate", "which_backbone", or "" for none.
+    """
     offline = {row["name"]: row["available"] or bool(row["available_alphas"]) for row in weights_status()}
     with st.form("train_form"):
         st.subheader("Data")
@@ -166,6 +179,8 @@ def draw_form(disabled: bool = False) -> bool:
         with columns[4]:
             widget(st.selectbox, "training.class_weight")
         widget(st.checkbox, "training.cached_features")
+        st.caption("Not sure of the learning rate? **Find a learning rate** under the form tries rates from 1e-6 "
+                   "to 1 on your images and suggests one.")
 
         with st.expander("Phase 2: fine-tuning (optional)"):
             columns = st.columns(3)
@@ -210,7 +225,50 @@ def draw_form(disabled: bool = False) -> bool:
             widget(st.number_input, "training.gpus", step=1)
             widget(st.selectbox, "data.cache")
             widget(st.text_input, "name")
-        return st.form_submit_button("Start training", type="primary", disabled=disabled)
+        return draw_buttons(disabled)
+
+
+def draw_buttons(disabled: bool) -> str:
+    """The form's buttons; which was pressed ("" for none).
+
+    They are all submit buttons: a form sends what was typed into it only when submitted,
+    so a plain button beside it would start a sweep or find a rate for the settings as they
+    were before the latest edits.
+    """
+    count = experiments.run_count(experiments.sweep_grid()[0])
+    plan = experiments.backbone_plan(RunConfig())
+    columns = st.columns(4)
+    pressed = {
+        "train": columns[0].form_submit_button("Start training", type="primary", disabled=disabled),
+        "sweep": columns[1].form_submit_button(
+            f"Start sweep ({count} runs)" if count else "Start sweep", key="start_sweep",
+            disabled=disabled or not count, help="Choose what to vary in the Sweep section below first."),
+        "find_rate": columns[2].form_submit_button(
+            "Find a learning rate", key="find_learning_rate", disabled=disabled,
+            help="The learning-rate range test on this form's data, backbone and head; takes from seconds to a "
+                 "few minutes (the backbone reads every image once, then its features are cached)."),
+        "which_backbone": columns[3].form_submit_button(
+            "Which backbone fits my data?", key="which_backbone", disabled=disabled or not plan[1]),
+    }
+    st.caption(experiments.backbone_caption(plan))
+    return next((action for action, was_pressed in pressed.items() if was_pressed), "")
+
+
+def form_config(data: dict, check_weights: bool = True):
+    """The config of `data`; when it has errors, keeps them for the fields and reruns to show them."""
+    config, errors = validate(data, check_weights)
+    st.session_state["train_errors"] = errors
+    if errors:
+        st.rerun()
+    return config
+
+
+def applied_config():
+    """The form's settings as last applied, or None when they do not make a valid config."""
+    try:
+        return RunConfig.from_dict(collect())
+    except ConfigError:
+        return None
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
@@ -258,11 +316,9 @@ with st.expander("Which backbones are ready offline?"):
 
 if not user.can_start:
     st.warning("You are signed in as a viewer: you can look at every run, but not start one.")
-if draw_form(disabled=not user.can_start):
-    config, errors = validate(collect())
-    st.session_state["train_errors"] = errors
-    if errors:
-        st.rerun()
+action = draw_form(disabled=not user.can_start)
+if action == "train":
+    config = form_config(collect())
     try:
         run_id = jobs.start(config, runs_root(), user=user, limits=access_limits(), source="page")
     except (PermissionError, ValueError) as error:  # ValueError: a quota, or the server's executor settings
@@ -271,6 +327,10 @@ if draw_form(disabled=not user.can_start):
     st.session_state["current_run"] = run_id
     st.query_params["run"] = run_id
     st.switch_page("app_pages/monitor.py")
+experiments.draw_sweep_section(applied_config())
+if action:
+    experiments.run_action(action, user, collect(), form_config)
+experiments.draw_rate_result(disabled=not user.can_start)
 errors = st.session_state.get("train_errors", {})
 if errors:
     st.error("Some settings need fixing; see the messages under the fields.")
