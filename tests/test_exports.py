@@ -266,12 +266,13 @@ def test_float16_stores_conv_and_dense_weights_in_half_and_keeps_the_small_const
     (tmp_path / "float16").mkdir()
     write_tflite(model, tmp_path / "float32", "none")
     written = write_tflite(model, tmp_path / "float16", "float16")
-    assert written["float16_weights"] == 3  # two convolutions and the dense layer
+    # The two convolutions (1,728 and 8,192 weights) in float16; the dense layer's 640 weights are
+    # under a tenth of the 10,560 and stay float32, as do the depthwise kernel and every bias.
+    assert written["float16_weights"] == 2
 
     flat = flatbuffer_utils.read_model(str(tmp_path / "float16" / "model.tflite"))
     graph = flat.subgraphs[0]
     names = {number: name for name, number in vars(schema.BuiltinOperator).items() if name.isupper()}
-    kinds = {"FLOAT16": schema.TensorType.FLOAT16, "FLOAT32": schema.TensorType.FLOAT32}
     produced_by = {output: operator for operator in graph.operators for output in operator.outputs}
 
     def stored_type(tensor_index):
@@ -281,16 +282,19 @@ def test_float16_stores_conv_and_dense_weights_in_half_and_keeps_the_small_const
             return graph.tensors[operator.inputs[0]].type
         return graph.tensors[tensor_index].type
 
+    expected_weight_type = {"CONV_2D": schema.TensorType.FLOAT16, "DEPTHWISE_CONV_2D": schema.TensorType.FLOAT32,
+                            "FULLY_CONNECTED": schema.TensorType.FLOAT32}
+    seen = []
     for operator in graph.operators:
         name = names[flat.operatorCodes[operator.opcodeIndex].builtinCode]
-        if name in ("CONV_2D", "FULLY_CONNECTED"):
-            assert stored_type(operator.inputs[1]) == kinds["FLOAT16"], name
+        if name in expected_weight_type:
+            seen.append(name)
+            assert stored_type(operator.inputs[1]) == expected_weight_type[name], name
             if len(operator.inputs) > 2 and operator.inputs[2] >= 0:  # -1: no bias input
-                assert stored_type(operator.inputs[2]) == kinds["FLOAT32"], f"{name} bias"
-        if name == "DEPTHWISE_CONV_2D":
-            assert stored_type(operator.inputs[1]) == kinds["FLOAT32"] and stored_type(operator.inputs[2]) == kinds["FLOAT32"]
+                assert stored_type(operator.inputs[2]) == schema.TensorType.FLOAT32, f"{name} bias"
+    assert sorted(seen) == ["CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"]
     sizes = {kind: (tmp_path / kind / "model.tflite").stat().st_size for kind in ("float32", "float16")}
-    assert sizes["float16"] < 0.6 * sizes["float32"], sizes
+    assert sizes["float16"] < 0.7 * sizes["float32"], sizes
 
     pixels = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     expected = model.predict(pixels, verbose=0)
