@@ -145,7 +145,8 @@ def draw_sweep_section(base: Optional[RunConfig]) -> None:
             used to say early that a value is refused.
     """
     ready = ready_widths()
-    with st.expander("Sweep: several runs that differ in a few settings"):
+    # Open while something is chosen: each choice reruns the page, and the section must stay in view.
+    with st.expander("Sweep: several runs that differ in a few settings", expanded=bool(sweep_items())):
         st.caption("Choose what to vary, then press **Start sweep** under the form: every run takes the form's "
                    "settings except these. The runs go through the queue, and the Sweeps page ranks them.")
         st.multiselect("Backbones", list(ready), key="sweep.backbones",
