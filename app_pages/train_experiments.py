@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_weights, weights_status
-from engine.config import ConfigError, RunConfig
+from engine.config import RunConfig
 from engine.sweeps import MAXIMUM_RUNS, expand, parse_grid, start_sweep
 from engine.users import User
 from ui import access_limits, runs_root
@@ -85,13 +85,14 @@ def backbone_plan(base: RunConfig) -> tuple[RunConfig, dict, list[str]]:
     if not ready:
         return base, {}, []
     base = with_offline_width(base, list(ready), ready)
-    kept = [run.model.backbone for run, _ in expand(base, {"model.backbone": list(ready)}) if is_ready_offline(run, ready)]
+    planned = expand(base, {"model.backbone": list(ready)})
+    kept = [run.model.backbone for run, _ in planned if is_ready_offline(run, ready)]
     return base, ({"model.backbone": kept} if kept else {}), [name for name in ready if name not in kept]
 
 
 def backbone_caption(plan: tuple[RunConfig, dict, list[str]]) -> str:
     """Says, before the button is pressed, how many runs "Which backbone fits my data?" starts and of what."""
-    base, grid, left_out = plan
+    _, grid, left_out = plan
     if not grid:
         return ("**Which backbone fits my data?** needs ImageNet weights on this machine, and no backbone has "
                 "them; see \"Which backbones are ready offline?\" above.")
@@ -170,8 +171,8 @@ def draw_sweep_section(base: Optional[RunConfig]) -> None:
                 st.error(f"At most {MAXIMUM_RUNS} runs are allowed in one sweep; take fewer values.")
             elif base is not None:
                 try:
-                    expand(base, grid)
-                except ValueError as error:
+                    planned_runs(base, grid)
+                except ValueError as error:  # includes ConfigError
                     st.error(str(error))
 
 
@@ -186,16 +187,25 @@ def weights_problem(config: RunConfig) -> str:
     return ""
 
 
+def planned_runs(config: RunConfig, grid: dict) -> tuple[RunConfig, list]:
+    """The sweep's base (with an offline width, see `with_offline_width`) and its runs, as `expand` plans them.
+
+    Raises:
+        ValueError: see `engine.sweeps.expand`; ConfigError: the width does not suit the config.
+    """
+    config = with_offline_width(config, grid.get("model.backbone", []), ready_widths())
+    return config, expand(config, grid)
+
+
 def start_and_open(config: RunConfig, grid: dict, user: User, name: str = "") -> None:
     """Starts the sweep and opens it on the Sweeps page; otherwise says, as an error, what stopped it.
 
-    Every run is checked before the first starts, so a grid value the config refuses or a
-    backbone without weights leaves no half-started sweep behind.
+    Every run is checked before the first starts, so a grid value a setting refuses or a
+    backbone without weights starts nothing.
     """
     try:
-        config = with_offline_width(config, grid.get("model.backbone", []), ready_widths())
-        planned = expand(config, grid)
-    except (ConfigError, ValueError) as error:
+        config, planned = planned_runs(config, grid)
+    except ValueError as error:  # includes ConfigError
         st.error(str(error))
         return
     for run, varied in planned:
@@ -248,7 +258,8 @@ def find_rate(config: RunConfig) -> None:
     bar = st.progress(0.0, text="Finding a learning rate: reading the images…")
 
     def report(what: str, done: int, total: int) -> None:
-        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"Finding a learning rate: {what}, {done} of {total}")
+        share = min(done / total, 1.0) if total else 0.0
+        bar.progress(share, text=f"Finding a learning rate: {what}, {done} of {total}")
 
     try:
         result = find_learning_rate(config, report)

@@ -90,6 +90,20 @@ def test_a_sweep_checks_the_form_and_the_grid_before_starting_anything(tiny_form
     assert not [path for path in (app_environment / "runs").rglob("status.json")]
 
 
+def test_a_sweep_names_a_run_whose_weights_are_missing_and_starts_none(tiny_form, app_environment,
+                                                                       queue_without_workers):
+    app, data = tiny_form
+    # Lite0's ImageNet weights install with the app; MobileNet's (α=0.25) are not in this test's Keras home.
+    app.text_area(key="sweep.other").set_value("model.backbone=EfficientNetLite0,MobileNet").run()
+    fill_in(app, data).radio(key="field.model.weights").set_value("imagenet")
+    app.button(key="start_sweep").click().run()
+    messages = [error.value for error in app.error]
+    assert any("model.backbone=MobileNet" in message and "mobilenet_2_5_224_tf_no_top.h5" in message
+               for message in messages), messages
+    assert not list_sweeps(app_environment / "runs")
+    assert not [path for path in (app_environment / "runs").rglob("status.json")]
+
+
 def test_a_viewer_sees_the_experiments_disabled_and_is_refused(tiny_form, app_environment, monkeypatch,
                                                                queue_without_workers):
     import signin
