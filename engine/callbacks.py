@@ -304,7 +304,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     `checkpoint.keras` is replaced atomically, then `checkpoint.json` records which
     epoch and phase it holds, and whether it is the full model or only the head trained
-    on cached features (`"model": "full" | "head"`), so a reader never pairs a state
+    on cached features, or the base above the cut with the head trained on cached activations
+    (`"model": "full" | "head" | "top"`), so a reader never pairs a state
     with the wrong model. It must come before the MetricsLogger, so a worker killed in
     between never leaves an epoch in metrics.jsonl that resume would repeat.
     """
@@ -340,13 +341,16 @@ class BestFullModelCheckpoint(keras.callbacks.Callback):
         path: Where to save (`best.keras` in the run folder).
         monitor: "val_loss" (lower is better) or "val_accuracy" (higher is better).
         full_model: A function returning the full model (built on first use).
+        copy_weights: Puts the trained part's weights into the full model (default: the head's,
+            `engine.modeling.copy_head_weights`; phase 2 on activations passes its own).
     """
 
-    def __init__(self, path, monitor: str, full_model):
+    def __init__(self, path, monitor: str, full_model, copy_weights=None):
         super().__init__()
         self.path = Path(path)
         self.monitor = monitor
         self.full_model = full_model
+        self.copy_weights = copy_weights
         self.best: Optional[float] = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -360,7 +364,7 @@ class BestFullModelCheckpoint(keras.callbacks.Callback):
         if better:
             self.best = value
             model = self.full_model()
-            copy_head_weights(self.model, model)
+            (self.copy_weights or copy_head_weights)(self.model, model)
             runfiles.write_through_temporary(self.path, model.save)
 
 

@@ -508,6 +508,12 @@ class FineTuningConfig:
     learning_rate: float = field(default=1e-5, metadata=setting(
         label="Learning rate", flag="--fine-tune-learning-rate", low=0.0, high=1.0, low_inclusive=False,
         help="Learning rate of phase 2; keep it much lower than phase 1's (1e-5)."))
+    cached_activations: bool = field(default=True, metadata=setting(
+        label="Fast: compute the frozen layers once",
+        help="Everything below the unfrozen layers stays frozen, so its output for an image is computed once "
+             "(per augmented view), cached, and only the unfrozen layers run in every epoch. Used when phase 1 "
+             "uses cached features and the cached outputs fit half the cache budget; otherwise every image "
+             "goes through the whole backbone in every epoch."))
 
     def __post_init__(self):
         _check_declared(self)

@@ -152,7 +152,8 @@ class ResumePoint:
         phase: The phase the checkpoint was saved in.
         phase1_epochs: How many epochs phase 1 ran (known once phase 2 began).
         elapsed_seconds: Training time so far, so elapsed times count on.
-        model_kind: "full" (base + head) or "head" (the head alone, trained on cached features).
+        model_kind: "full" (base + head), "head" (the head alone, trained on cached features) or
+            "top" (phase 2 on cached activations: the base above the cut and the head).
     """
 
     epochs_done: int = 0
@@ -552,11 +553,16 @@ def _train_phases(training: Training, resume: ResumePoint, check_stop) -> tuple[
         result = train_head_end_to_end(training, resume, model)
     else:
         model, result = full_model(), PhaseResult(resume.epochs_done)
+    checkpointed_top = checkpointed if resume.model_kind == "top" else None
+    if checkpointed_top is not None:
+        from engine.activations import copy_top_weights
+
+        copy_top_weights(checkpointed_top, model)  # the phase 2 checkpoint holds the head and the top layers
     phase1_epochs = resume.phase1_epochs or (result.epochs_done if resume.phase == 1 else config.training.epochs)
 
     fine_tuned = False
     if fine_tuning.enabled and not result.stopped:
-        result, fine_tuned = fine_tune(training, model, result.epochs_done, phase1_epochs)
+        result, fine_tuned = fine_tune(training, model, result.epochs_done, phase1_epochs, check_stop, checkpointed_top)
 
     training.say(Stage.SAVING, "Saving the model.")
     save_model_atomically(model, run_dir / runfiles.MODEL_FILE)
@@ -681,8 +687,14 @@ def train_head_end_to_end(training: Training, resume: ResumePoint, model) -> Pha
                 training.planned_epochs)
 
 
-def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int) -> tuple[PhaseResult, bool]:
+def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int,
+              check_stop: Callable[[], None] = lambda: None, checkpointed_top=None) -> tuple[PhaseResult, bool]:
     """Phase 2: unfreeze the base's last layers (BatchNorm stays frozen) and train on at a low learning rate.
+
+    On cached activations at the cut when it can (`engine.activations`), otherwise end to end.
+
+    Args:
+        checkpointed_top: A resumed run's phase 2 model above the cut (with its optimizer state).
 
     Returns:
         (how far training got, whether any fine-tuning epoch was due).
@@ -691,19 +703,123 @@ def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int) -
 
     fine_tuning, settings = training.config.fine_tuning, training.config.training
     unfrozen = unfreeze_top_layers(model, fine_tuning.layers)
-    compile_model(model, settings.optimizer, fine_tuning.learning_rate, training.num_classes)
     final_epoch = phase1_epochs + fine_tuning.epochs
     if epochs_done >= final_epoch:
         return PhaseResult(epochs_done), False
-    training.say(Stage.FINE_TUNING,
-                 f"Phase 2: fine-tuning the last {fine_tuning.layers} layers of the base ({unfrozen} with weights; "
-                 f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
-                 f"epochs {epochs_done + 1}–{final_epoch}.")
-    # Fine-tuning changes the base, so it trains end to end, on the decode-once image cache.
+    what = (f"Phase 2: fine-tuning the last {fine_tuning.layers} layers of the base ({unfrozen} with weights; "
+            f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
+            f"epochs {epochs_done + 1}–{final_epoch}")
+    cut, reason = _activation_cut(training, model, checkpointed_top)
+    if cut is not None:
+        activations = _cached_activations(training, model, cut, check_stop)
+        if activations is not None:
+            return _fine_tune_on_activations(training, model, cut, activations, what, epochs_done, final_epoch,
+                                             phase1_epochs, checkpointed_top), True
+        reason = "the frozen layers' outputs would take more than half the cache budget"
+    compile_model(model, settings.optimizer, fine_tuning.learning_rate, training.num_classes)
+    training.say(Stage.FINE_TUNING, f"{what}, every image through the whole base every epoch ({reason}).")
     result = _fit(training, model, _image_data(training, "train", True, epochs_done),
                   _image_data(training, "validation", False, epochs_done), 2, epochs_done, final_epoch, "full",
                   phase1_epochs, keras_callbacks(training.config, training.run_dir), final_epoch)
     return result, True
+
+
+def _activation_cut(training: Training, model, checkpointed_top) -> tuple:
+    """(the cut, None) when phase 2 can train on cached activations; (None, why not) otherwise."""
+    from engine.activations import find_cut
+    from engine.modeling import BASE_LAYER_NAME
+
+    config = training.config
+    if not config.training.cached_features:
+        return None, "fast features are off, so augmentation is fully random in every epoch"
+    if not config.fine_tuning.cached_activations:
+        return None, "fine_tuning.cached_activations is off"
+    if training.replicas > 1:
+        return None, "cached activations are not yet used with several devices"
+    base = model.get_layer(BASE_LAYER_NAME)
+    cut = find_cut(base, config.fine_tuning.layers)
+    if cut.index <= 1:
+        return None, "the unfrozen layers reach the base's input, so there is nothing frozen to compute once"
+    if checkpointed_top is not None and checkpointed_top.input_shape[1:] != cut.shape:
+        return None, "the checkpoint was made at another cut"
+    return cut, None
+
+
+def _cached_activations(training: Training, model, cut, check_stop: Callable[[], None]) -> Optional[dict]:
+    """{"train": (N, H, W, C) or (K, N, H, W, C) views, "validation": (N, H, W, C)} at the cut, float16.
+
+    From the cache or computed once now; None when they would not fit the cache budget.
+    """
+    from engine import caches
+    from engine.activations import (ACTIVATION_DTYPE, activation_cache_key, build_activation_extractor,
+                                    fits_the_budget)
+    from engine.features import compute_features, feature_cache_key, load_cached_features, save_cached_features
+
+    config, data, status = training.config, training.data, training.status
+    views = config.augmentation.views if config.augmentation.enabled else 0
+    image_key = data.image_key if config.data.cache == "disk" else None
+    train_rows, validation_rows = data.positions["train"], data.positions["validation"]
+    jobs = {"validation": FeatureJob(validation_rows, 0), "train": FeatureJob(train_rows, views)}
+    if not fits_the_budget(cut, len(validation_rows) + len(train_rows) * max(1, views), caches.budget_bytes()):
+        return None
+    for job in jobs.values():
+        job.key = activation_cache_key(feature_cache_key(image_key, config, job.positions, job.views), cut)
+        job.array = load_cached_features(job.key, memory_map=True)
+    missing = [job for job in jobs.values() if job.array is None]
+    total = sum(len(job.positions) * max(1, job.views) for job in missing)
+    where = f"the output of {cut.producer} {'×'.join(map(str, cut.shape))}"
+    if not total:
+        _say(status, training.echo, Stage.COMPUTING_FEATURES, f"Activations at {where} found in the cache.")
+    else:
+        _say(status, training.echo, Stage.COMPUTING_FEATURES,
+             f"Computing the frozen layers' output ({where}) of {total} images once"
+             + (f" ({views} augmented views of each training image)." if views else "."))
+        extractor = build_activation_extractor(model, cut)
+        augmentation = model.get_layer("augmentation") if views else None
+        done, began = [0], time.time()
+
+        def progress(count):
+            check_stop()
+            done[0] += count
+            rate = done[0] / max(time.time() - began, 1e-9)
+            status.update(message=f"Computing activations: {done[0]}/{total} images ({rate:.0f}/s).",
+                          images_per_second=round(rate, 1), eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
+
+        for job in missing:
+            job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress,
+                                         dtype=ACTIVATION_DTYPE)
+            save_cached_features(job.key, job.array)
+        logger.info("Activations of %d images computed in %.1f s.", total, time.time() - began)
+    return {split: job.array for split, job in jobs.items()}
+
+
+def _fine_tune_on_activations(training: Training, model, cut, activations: dict, what: str, epochs_done: int,
+                              final_epoch: int, phase1_epochs: int, checkpointed_top) -> PhaseResult:
+    """Phase 2 on cached activations: only the layers above the cut (and the head) run each epoch."""
+    from engine.activations import build_top_model, copy_top_weights
+    from engine.features import make_feature_dataset
+    from engine.modeling import compile_model
+
+    config, data = training.config, training.data
+    settings, fine_tuning = config.training, config.fine_tuning
+    moved = (f"; the cut moved down {cut.moved} layers to the nearest point a single tensor crosses "
+             f"(a residual connection crosses the requested one)" if cut.moved else "")
+    training.say(Stage.FINE_TUNING, f"{what}, on cached activations at {cut.producer}{moved}.")
+    top = checkpointed_top
+    if top is None:
+        top = build_top_model(model, cut)
+        compile_model(top, settings.optimizer, fine_tuning.learning_rate, training.num_classes)
+    rank = len(cut.shape)
+    train_data = training.training_data(make_feature_dataset(
+        activations["train"], data.labels["train"], settings.batch_size, shuffle=True,
+        seed=settings.seed + epochs_done, binary=training.binary, item_rank=rank))
+    validation_data = make_feature_dataset(activations["validation"], data.labels["validation"],
+                                           training.validation_batch(settings.batch_size), binary=training.binary,
+                                           item_rank=rank)
+    result = _fit(training, top, train_data, validation_data, 2, epochs_done, final_epoch, "top", phase1_epochs,
+                  keras_callbacks(config, training.run_dir, lambda: model, copy_top_weights), final_epoch)
+    copy_top_weights(top, model)  # a no-op unless `top` came from a checkpoint (its own layer objects)
+    return result
 
 
 def evaluate_run(training: Training, model, head, features: dict) -> float:
@@ -815,12 +931,14 @@ def _class_weights(train_labels: np.ndarray, num_classes: int) -> dict:
     return {index: float(total / (num_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
 
 
-def keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
+def keras_callbacks(config: RunConfig, run_dir: Path, full_model=None, copy_weights=None) -> list:
     """The callbacks the config switches on.
 
     Args:
-        full_model: When training the head alone on cached features, a function returning
-            the full model, so that `best.keras` is the full model, not the head.
+        full_model: When training the head alone on cached features (or the top on cached
+            activations), a function returning the full model, so that `best.keras` is the
+            full model, not the part that trains.
+        copy_weights: How that part's weights go into the full model (default: the head's).
     """
     import keras
 
@@ -836,7 +954,7 @@ def keras_callbacks(config: RunConfig, run_dir: Path, full_model=None) -> list:
     if checkpoint.enabled:
         best_path = run_dir / runfiles.BEST_MODEL_FILE
         if full_model is not None:
-            callbacks.append(BestFullModelCheckpoint(best_path, checkpoint.monitor, full_model))
+            callbacks.append(BestFullModelCheckpoint(best_path, checkpoint.monitor, full_model, copy_weights))
         else:
             callbacks.append(keras.callbacks.ModelCheckpoint(str(best_path), monitor=checkpoint.monitor,
                                                              save_best_only=True))

@@ -210,7 +210,8 @@ def test_fine_tuning_after_cached_features_trains_the_full_model(tiny_dataset, t
               if event["type"] == "epoch"]
     assert epochs == [(1, 1), (1, 2), (2, 3), (2, 4)]
     state = runfiles.read_json(run_dir / "checkpoint.json")
-    assert state["phase"] == 2 and state["model"] == "full"
+    # Phase 2 trained on cached activations: its checkpoint is the base above the cut with the head.
+    assert state["phase"] == 2 and state["model"] == "top"
 
 
 def test_feature_dataset_draws_each_image_once_an_epoch_with_a_fresh_view_each_time():
