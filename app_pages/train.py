@@ -190,6 +190,7 @@ def draw_form(disabled: bool = False) -> str:
                 widget(st.number_input, "fine_tuning.epochs", step=1)
             with columns[2]:
                 widget(st.number_input, "fine_tuning.learning_rate", format="%.7f", step=0.00001)
+            widget(st.checkbox, "fine_tuning.cached_activations")
 
         with st.expander("Callbacks"):
             columns = st.columns(3)

@@ -145,7 +145,9 @@ def start_sweep(config: RunConfig, grid: dict[str, list], runs_dir: Optional[str
             sweep["runs"].append({"run_id": run_id, "settings": varied})
     finally:
         # Written even when a limit stops it part way: the runs already queued are part of it.
-        runfiles.atomic_write_json(folder / f"{sweep_id}.json", sweep)
+        # Not when not one run started (a viewer, a limit hit at once): an empty sweep would be listed.
+        if sweep["runs"]:
+            runfiles.atomic_write_json(folder / f"{sweep_id}.json", sweep)
     return sweep
 
 

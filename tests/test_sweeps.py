@@ -51,6 +51,7 @@ def test_a_viewer_cannot_start_a_sweep(tmp_path):
         start_sweep(RunConfig().replace(**{"data.path": "/data/x"}), {"training.epochs": ["1", "2"]}, tmp_path,
                     user=viewer)
     assert not [path for path in tmp_path.rglob("status.json")]
+    assert list_sweeps(tmp_path) == []  # no empty sweep left behind to be listed
 
 
 @pytest.mark.training
