@@ -129,3 +129,57 @@ def thumbnail(path: str, size: int = 160):
     Cached by path and modification time, so a changed file is read again.
     """
     return _cached_thumbnail(path, Path(path).stat().st_mtime, size)
+
+
+# Okabe and Ito's colour-blind-safe palette ("Color Universal Design", 2008): its colours stay
+# apart for protanopia, deuteranopia and tritanopia. Ordered so the first four keep 3:1 or more
+# against both the light and the dark background (WCAG 1.4.11 for chart marks); the paler
+# orange, sky blue and yellow come last. .streamlit/config.toml gives Plotly the same list.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442"]
+# Train and validation differ in colour (blue and vermillion), marker and dash, so neither
+# colour vision nor a grey-scale print is needed to tell them apart.
+CURVE_STYLES = {
+    "train": {"color": PALETTE[0], "symbol": "circle", "dash": "solid"},
+    "validation": {"color": PALETTE[1], "symbol": "diamond", "dash": "dash"},
+}
+
+
+def image_alt(file_name: str, true: str | None = None, predicted: str | None = None,
+              confidence: float | None = None, overlay: bool = False) -> str:
+    """What a picture shows, for screen readers: its file name, true class, the answer and how sure.
+
+    >>> image_alt("cat_1.png", true="cats", predicted="dogs", confidence=0.72)
+    'Picture cat_1.png, true class cats, predicted dogs with 72% confidence'
+    """
+    parts = [f"Picture {file_name}"]
+    if true is not None:
+        parts.append(f"true class {true}")
+    if predicted is not None:
+        parts.append(f"predicted {predicted}" + (f" with {confidence:.0%} confidence" if confidence is not None else ""))
+    text = ", ".join(parts)
+    # Grad-CAM colours are drawn over the picture: a reader should know the colours are not the photo's.
+    return text + ("; the parts that counted most for the answer are drawn over it in warm colours" if overlay else "")
+
+
+def chart_with_table(figure, key: str, alt: str, table, container=None, **chart_arguments):
+    """A Plotly chart with a short description for screen readers and its numbers in an expander below.
+
+    A chart is a picture; the table under "Show the numbers as a table" lets a screen-reader user
+    (or anyone) read every value the chart draws.
+
+    Args:
+        figure: The Plotly figure, with its title and axis titles set.
+        key: The chart's widget key; the table gets `<key>_table`.
+        alt: What the chart shows, in one sentence.
+        table: A DataFrame (or anything `st.dataframe` takes) of the plotted values.
+        container: Where to draw (a column); the page itself when None.
+        **chart_arguments: Passed on to `st.plotly_chart` (e.g. `on_select`).
+
+    Returns:
+        What `st.plotly_chart` returns (the selection, with `on_select`).
+    """
+    where = container or st
+    drawn = where.plotly_chart(figure, key=key, alt=alt, **chart_arguments)
+    with where.expander("Show the numbers as a table"):
+        st.dataframe(table, hide_index=True, key=f"{key}_table")
+    return drawn

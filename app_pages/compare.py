@@ -3,6 +3,7 @@ got right and the other wrong, with McNemar's exact test in plain words. The eng
 
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from PIL import ImageOps
@@ -11,9 +12,15 @@ from engine import runfiles
 from engine.compare import image_diff, results_side_by_side, settings_that_differ, verdict
 from engine.interpret import metrics_frames
 from signin import page_user
-from ui import run_label, runs_having, short_name, thumbnail
+from ui import chart_with_table, image_alt, run_label, runs_having, short_name, thumbnail
 
 MAXIMUM_RUNS = 4
+# A marker shape per run, as well as its colour, so runs are told apart without colour vision.
+RUN_MARKERS = ["circle", "diamond", "square", "triangle-up"]
+# The results table's less obvious columns, in words.
+RESULT_HELP = {"accuracy": "Share of validation images classified correctly.",
+               "macro F1": "F1 balances precision and recall (0 to 1); macro F1 averages it over the classes, "
+                           "each class counting the same."}
 GRID_COLUMNS = 6
 SHOWN_PER_GRID = 24
 
@@ -24,24 +31,31 @@ def _epochs(run_path: str, modified: float):
 
 
 def curves(paths: list, names: dict) -> None:
-    """Loss and accuracy per epoch, validation solid and training dotted, one colour per run."""
+    """Loss and accuracy per epoch, validation solid and training dotted, one colour and marker per run."""
     left, right = st.columns(2)
     for column, metric, title in ((left, "loss", "Loss (lower is better)"), (right, "accuracy", "Accuracy")):
-        figure = go.Figure()
-        for path in paths:
+        figure, rows = go.Figure(), []
+        for number, path in enumerate(paths):
             metrics = Path(path) / runfiles.METRICS_FILE
             epochs = _epochs(path, metrics.stat().st_mtime if metrics.is_file() else 0.0)
             if epochs.empty:
                 continue
+            marker = {"symbol": RUN_MARKERS[number % len(RUN_MARKERS)], "size": 8}
             if f"val_{metric}" in epochs:
                 figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[f"val_{metric}"], mode="lines+markers",
-                                            name=f"{names[path]} validation", legendgroup=path))
+                                            marker=marker, name=f"{names[path]} validation", legendgroup=path))
             if metric in epochs:
                 figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs[metric], mode="lines",
                                             line={"dash": "dot"}, name=f"{names[path]} training", legendgroup=path))
-        figure.update_layout(title=title, xaxis_title="epoch", height=340, margin={"t": 40, "b": 10},
-                             yaxis_tickformat=".0%" if metric == "accuracy" else None)
-        column.plotly_chart(figure, key=f"compare_{metric}")
+            rows += [{"run": names[path], "epoch": epoch, "training": row.get(metric),
+                      "validation": row.get(f"val_{metric}")} for epoch, row in zip(epochs["epoch"],
+                                                                                   epochs.to_dict("records"))]
+        figure.update_layout(title=title, xaxis_title="epoch", yaxis_title=metric, height=340,
+                             margin={"t": 40, "b": 10}, yaxis_tickformat=".0%" if metric == "accuracy" else None)
+        chart_with_table(figure, f"compare_{metric}",
+                         f"{title} per epoch of {len(paths)} runs, validation solid with markers, training dotted.",
+                         pd.DataFrame(rows, columns=["run", "epoch", "training", "validation"]).round(4),
+                         container=column)
 
 
 def image_grid(rows, split: str, name_a: str, name_b: str, key: str) -> None:
@@ -56,7 +70,10 @@ def image_grid(rows, split: str, name_a: str, name_b: str, key: str) -> None:
         column = columns[position % GRID_COLUMNS]
         try:
             # Square crops, so the grid keeps its rows whatever the photos' shapes.
-            column.image(ImageOps.fit(thumbnail(row.path, 320), (160, 160)), caption=caption)
+            column.image(ImageOps.fit(thumbnail(row.path, 320), (160, 160)), caption=caption,
+                         alt=image_alt(Path(row.path).name, true=row.true) + f"; {name_a} answered "
+                             f"{row.predicted_a} ({row.confidence_a:.0%} sure), {name_b} answered {row.predicted_b} "
+                             f"({row.confidence_b:.0%} sure)")
         except OSError:
             column.caption(f"{Path(row.path).name} is no longer readable · {caption}")
     if len(rows) > SHOWN_PER_GRID:
@@ -83,10 +100,12 @@ def two_run_diff(paths: list, names: dict) -> None:
                    + "). Only the common images are compared.")
     st.markdown(f"**{verdict(diff, name_a, name_b)}**")
     counts = st.columns(4)
-    counts[0].metric("Both right", diff.both_right)
-    counts[1].metric("Only A right", len(diff.a_right_b_wrong), help=name_a)
-    counts[2].metric("Only B right", len(diff.b_right_a_wrong), help=name_b)
-    counts[3].metric("Both wrong", diff.both_wrong)
+    counts[0].metric("Both right", diff.both_right, help="Images both runs classified correctly.")
+    counts[1].metric("Only A right", len(diff.a_right_b_wrong),
+                     help=f"Images {name_a} (A) classified correctly and {name_b} (B) did not.")
+    counts[2].metric("Only B right", len(diff.b_right_a_wrong),
+                     help=f"Images {name_b} (B) classified correctly and {name_a} (A) did not.")
+    counts[3].metric("Both wrong", diff.both_wrong, help="Images neither run classified correctly.")
     st.caption(f"A is {name_a}, B is {name_b}; each picture shows both answers and their confidence.")
     st.markdown(f"**{name_a} right, {name_b} wrong** ({len(diff.a_right_b_wrong)})")
     image_grid(diff.a_right_b_wrong, split, name_a, name_b, "a_right")
@@ -123,7 +142,8 @@ else:
 st.subheader("Results on the validation images")
 results = results_side_by_side(chosen).assign(run=[names[path] for path in chosen])
 st.dataframe(results, hide_index=True, key="compare_results",
-             column_config={column: st.column_config.NumberColumn(format="percent") for column in results.columns
+             column_config={column: st.column_config.NumberColumn(format="percent", help=RESULT_HELP.get(column))
+                            for column in results.columns
                             if column in ("accuracy", "macro F1") or column.startswith("F1 ")}
              | {"training seconds": st.column_config.NumberColumn(format="%.0f"),
                 "images per second": st.column_config.NumberColumn(format="%.0f")})

@@ -27,7 +27,7 @@ from engine.locations import CACHE_BUDGET_VARIABLE, data_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from signin import current_user, page_user
-from ui import secret_data_roots, thumbnail
+from ui import chart_with_table, image_alt, secret_data_roots, thumbnail
 from views.labels import show_data_map, show_label_issues
 
 IMAGES_PER_PAGE = 12
@@ -182,19 +182,24 @@ def cached_figures(path: str, fingerprint: str, decisions: str, _report: dict, _
     The figures are only read afterwards (drawn), so every session may share them.
     """
     counts = pd.DataFrame({"class": list(_report["class_counts"]), "images": list(_report["class_counts"].values())})
-    balance = px.bar(counts, x="class", y="images", text="images", title="Images per class")
-    balance.update_layout(height=320, margin=dict(t=40, b=10))
+    balance = px.bar(counts, x="class", y="images", text="images", title="Images per class",
+                     labels={"class": "class", "images": "images"})
+    balance.update_layout(height=320, margin=dict(t=40, b=10), xaxis_title="class", yaxis_title="images")
     if _files.empty:
         return balance, None
     sample = _files.sample(min(len(_files), 3000), random_state=0)
-    sizes = px.scatter(sample, x="width", y="height", color="label", opacity=0.6, title="Image sizes (pixels)")
-    sizes.update_layout(height=320, margin=dict(t=40, b=10))
+    sizes = px.scatter(sample, x="width", y="height", color="label", opacity=0.6, title="Image sizes (pixels)",
+                       symbol="label")
+    sizes.update_layout(height=320, margin=dict(t=40, b=10), xaxis_title="width (pixels)",
+                        yaxis_title="height (pixels)")
     return balance, sizes
 
 
-def show_balance(figure) -> None:
+def show_balance(figure, report: dict) -> None:
     # No advice here: the scan's own imbalance warning (engine.data) is shown with the other warnings.
-    st.plotly_chart(figure, key="balance")
+    counts = pd.DataFrame({"class": list(report["class_counts"]), "images": list(report["class_counts"].values())})
+    chart_with_table(figure, "balance", f"Bar chart of the number of images in each of {len(counts)} classes.",
+                     counts)
 
 
 def show_split(scan, report: dict, fingerprint: str, decisions: str) -> tuple:
@@ -242,12 +247,19 @@ def show_grid(files: pd.DataFrame, classes: list) -> None:
     columns = st.columns(6)
     for position, row in enumerate(shown.itertuples()):
         with columns[position % 6]:
-            st.image(thumbnail(row.path), caption=printable(Path(row.path).name))
+            name = printable(Path(row.path).name)
+            st.image(thumbnail(row.path), caption=name, alt=image_alt(name, true=label))
 
 
-def show_sizes(figure) -> None:
-    if figure is not None:
-        st.plotly_chart(figure, key="sizes")
+def show_sizes(figure, files: pd.DataFrame) -> None:
+    """The image-size scatter, and the same sizes counted per class as a table."""
+    if figure is None:
+        return
+    table = (files.groupby(["label", "width", "height"]).size().reset_index(name="images")
+             .rename(columns={"label": "class", "width": "width (pixels)", "height": "height (pixels)"})
+             .sort_values("images", ascending=False))
+    chart_with_table(figure, "sizes", "Scatter plot of image widths against heights in pixels, one colour and "
+                     "symbol per class.", table)
 
 
 def show_problems(report: dict) -> None:
@@ -302,10 +314,11 @@ def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
             st.dataframe(table.assign(**shown), hide_index=True, key=f"doctor_{title}")
             for row in rows[:PAIRS_SHOWN]:
                 left, right = st.columns(2)
-                left.image(thumbnail(row["first"]), width=160,
-                           caption=f"{row['first class']}: {printable(Path(row['first']).name)}")
-                right.image(thumbnail(row["second"]), width=160,
-                            caption=f"{row['second class']}: {printable(Path(row['second']).name)} ({row['how close']})")
+                for column, side in ((left, "first"), (right, "second")):
+                    name = printable(Path(row[side]).name)
+                    column.image(thumbnail(row[side]), width=160, alt=image_alt(name, true=row[f"{side} class"]),
+                                 caption=f"{row[f'{side} class']}: {name}"
+                                         + (f" ({row['how close']})" if side == "second" else ""))
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
@@ -325,8 +338,8 @@ except DataError as error:
     st.stop()
 classes = report["classes"]
 first, second, third, fourth = st.columns(4)
-first.metric("Classes", len(classes))
-second.metric("Usable images", report["num_images"])
+first.metric("Classes", len(classes), help="Kinds of picture the model will learn to tell apart: one per folder.")
+second.metric("Usable images", report["num_images"], help="Images that can be read and will be trained on.")
 third.metric("Left out", report["num_excluded"], help="Files that look like images but cannot be read.")
 fourth.metric("Ignored", report["num_ignored"], help="Hidden files and files that are not images.")
 used, budget = cached_cache_size()
@@ -336,10 +349,10 @@ st.caption(f"Caches (scans, decoded images, features, hashes): {describe_size(us
 for warning in report["warnings"]:
     st.warning(warning)
 balance_figure, sizes_figure = cached_figures(path, fingerprint, decisions, report, files)
-show_balance(balance_figure)
+show_balance(balance_figure, report)
 fractions = show_split(scan, report, fingerprint, decisions)
 show_grid(files, classes)
-show_sizes(sizes_figure)
+show_sizes(sizes_figure, files)
 show_problems(report)
 show_label_issues(path, user)
 show_data_map(path)

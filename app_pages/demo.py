@@ -12,7 +12,7 @@ from engine import runfiles
 from engine.feedback import list_feedback, record_feedback, resolve_feedback
 from engine.share import demo_examples, demo_link, only_this_computer, qr_png
 from signin import escape_markdown, page_user
-from ui import runs_having, thumbnail
+from ui import image_alt, runs_having, thumbnail
 from views.explain import loaded_model as shared_loaded_model
 
 # The best guess in the accent colour, the others quieter, so the answer stands out from the back of a room.
@@ -129,7 +129,8 @@ def gallery(run) -> None:
     for number, example in enumerate(examples):
         with columns[number % 4]:
             # Square tiles, so a gallery of photos of every shape lines up in even rows.
-            st.image(ImageOps.fit(thumbnail(example["path"], 320), (200, 200)), width="stretch")
+            st.image(ImageOps.fit(thumbnail(example["path"], 320), (200, 200)), width="stretch",
+                     alt=f"Example {number + 1}: " + image_alt(Path(example["path"]).name, true=example["true"]))
             st.button("Try this one", key=f"example_{number}", on_click=use_example,
                       args=(example["path"], example["true"]), width="stretch")
 
@@ -192,7 +193,10 @@ def show_answer(run, picture, user) -> None:
     looked = st.toggle("Show where the model looked", key="demo_overlay")
     if looked:
         overlay = where_it_looked(run.path, modified, picture_bytes, suffix, best)
-    st.image(overlay if overlay is not None else picture_bytes, width=384)
+    described = "The example picture" if true_class else "Your photo"
+    st.image(overlay if overlay is not None else picture_bytes, width=384,
+             alt=f"{described}; the model answers {best} with {result['top'][0]['probability']:.0%} confidence"
+                 + ("; the parts that counted most are drawn over it in warm colours" if overlay is not None else ""))
     if looked:
         st.caption(f"The bright, warm colours show the parts of the picture that counted most for "
                    f"“{escape_markdown(best)}”." if overlay is not None
@@ -228,7 +232,9 @@ def feedback_to_review(run, user) -> None:
         for item in waiting:
             picture, words, action = st.columns([1, 4, 1], vertical_alignment="center")
             if Path(item["image_path"]).is_file():
-                picture.image(thumbnail(item["image_path"], 120))
+                picture.image(thumbnail(item["image_path"], 120),
+                              alt=f"Picture the model called {item['predicted']}, marked "
+                                  f"{'right' if item['correct'] else 'wrong'}")
             verdict = "right" if item["correct"] else "wrong"
             words.markdown(f"The model said **{escape_markdown(item['predicted'])}**; "
                            f"{escape_markdown(item['user_name'] or 'someone')} said that was **{verdict}** "
@@ -251,7 +257,7 @@ def share(run) -> None:
         if only_this_computer(link):
             st.warning("This address only opens on this computer. For phones, start the dashboard with "
                        "`--server.address 0.0.0.0` and open it by this computer's network name.")
-    code.image(qr_png(link), width=280, caption="Scan to open this demo")
+    code.image(qr_png(link), width=280, caption="Scan to open this demo", alt=f"QR code of the address {link}")
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in

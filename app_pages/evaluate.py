@@ -4,6 +4,7 @@ its operating point, per-class scores, confused pairs, top losses and the model 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -13,12 +14,18 @@ from engine.interpret import (apply_decision, cell_images, confusion_table, load
                               per_class_table, split_probabilities, top_losses)
 from engine.operating_point import NOT_SURE
 from signin import escape_markdown, page_user
-from ui import pick_run, runs_having, thumbnail
+from ui import chart_with_table, image_alt, pick_run, runs_having, thumbnail
 from views.card import card_section
 from views.confidence import calibration_section, operating_point_controls
 from views.explain import heatmaps, overlaid, overlay_controls
 
 GRID_COLUMNS = 6
+# What the per-class scores mean, in words (shown when hovering the column headers).
+COLUMN_HELP = {
+    "precision": "Of the images the model gave this class, the share that really are this class.",
+    "recall": "Of the images that really are this class, the share the model found.",
+    "f1": "F1 score: one number from 0 to 1 balancing precision and recall (their harmonic mean).",
+}
 
 
 def confusion_figure(classes: list, answers: list, matrix: np.ndarray, normalised: bool):
@@ -31,6 +38,8 @@ def confusion_figure(classes: list, answers: list, matrix: np.ndarray, normalise
     texts = [[f"{value:.0%}" for value in row] for row in shares] if normalised else matrix.astype(int).astype(str)
     figure = go.Figure(go.Heatmap(
         z=shares, x=answers, y=classes, text=texts, texttemplate="%{text}", textfont=dict(size=18),
+        # One hue from light to dark: the order reads the same with any colour vision, and the count
+        # or share is written in each square, so nothing is told by colour alone.
         colorscale="Blues", zmin=0, zmax=1, colorbar=dict(title="share of row"), hoverinfo="skip"))
     xs = [predicted for _ in classes for predicted in answers]
     ys = [true for true in classes for _ in answers]
@@ -38,10 +47,19 @@ def confusion_figure(classes: list, answers: list, matrix: np.ndarray, normalise
         x=xs, y=ys, mode="markers", showlegend=False,
         marker=dict(size=max(12, min(120, int(600 / max(1, len(classes))))), color="rgba(0,0,0,0)", symbol="square"),
         hovertemplate="true %{y} → predicted %{x}<extra></extra>"))
-    figure.update_layout(xaxis=dict(title="predicted class", type="category", side="top"),
+    figure.update_layout(title=dict(text="Confusion matrix: true class against the answer", y=0.99, yanchor="top"),
+                         xaxis=dict(title="predicted class", type="category", side="top"),
                          yaxis=dict(title="true class", type="category", autorange="reversed"),
-                         height=min(900, max(380, 48 * len(classes) + 160)), margin=dict(t=40, b=10))
+                         height=min(900, max(380, 48 * len(classes) + 160)), margin=dict(t=90, b=10))
     return figure
+
+
+def confusion_frame(classes: list, answers: list, matrix: np.ndarray):
+    """The confusion matrix as a table: one row per true class, one column per answer, and the row's total."""
+    table = pd.DataFrame(matrix.astype(int), columns=[f"answered {answer}" for answer in answers])
+    table.insert(0, "true class", classes)
+    table["images"] = matrix.sum(axis=1).astype(int)
+    return table
 
 
 def image_grid(rows, empty_message: str, run_path: str, opacity: float | None) -> None:
@@ -58,8 +76,9 @@ def image_grid(rows, empty_message: str, run_path: str, opacity: float | None) -
                 image = thumbnail(row.path, 200)
                 if maps is not None:
                     image = overlaid(image, maps[position], opacity)
-                st.image(image, caption=f"{printable(Path(row.path).name)}: {row.true} → {row.predicted} "
-                                        f"({row.confidence:.0%} sure)")
+                name = printable(Path(row.path).name)
+                st.image(image, caption=f"{name}: {row.true} → {row.predicted} ({row.confidence:.0%} sure)",
+                         alt=image_alt(name, row.true, row.predicted, row.confidence, overlay=maps is not None))
             except OSError:
                 st.caption(f"{printable(Path(row.path).name)} is no longer readable.")
 
@@ -115,13 +134,19 @@ first.metric("Accuracy", "–" if answered.empty else f"{answered['correct'].mea
 second.metric("Answered", "–" if rows.empty else f"{len(answered) / len(rows):.0%}",
               help="Share of images the model gave a class for; the rest it called \"not sure\".")
 third.metric("Macro F1 (most probable class)", f"{result.get('macro_f1', 0):.2f}",
-             help="Average over classes of the balance of precision and recall, answering the most probable class.")
+             help="F1 is a score from 0 to 1 that balances precision (how often an answer of a class is right) and "
+                  "recall (how many of a class's images are found); macro F1 is its average over the classes, "
+                  "each class counting the same, answering the most probable class.")
 
 st.subheader("Confusion matrix")
-st.caption("Click a square to see its images. Rows are the true class, columns the answer.")
+st.caption("Click a square, or choose its true class and answer below, to see its images. Rows are the true "
+           "class, columns the answer.")
 matrix, answers = confusion_table(predictions, split, classes)
-selection = st.plotly_chart(confusion_figure(classes, answers, matrix, normalised), key="confusion", on_select="rerun",
-                            selection_mode="points")
+selection = chart_with_table(
+    confusion_figure(classes, answers, matrix, normalised), "confusion",
+    f"Confusion matrix of {len(classes)} classes: rows are the true class, columns the answer, each square the "
+    "number of images; choose a square with the two pickers below, or click it.",
+    confusion_frame(classes, answers, matrix), on_select="rerun", selection_mode="points")
 true, predicted = pick_cell(classes, answers, selection)
 opacity = overlay_controls("evaluate_overlay") if has_model else None
 st.markdown(f"**True {escape_markdown(true)}, answered {escape_markdown(predicted)}**")
@@ -131,7 +156,8 @@ left, right = st.columns(2)
 with left:
     st.subheader("Per class")
     st.dataframe(per_class_table(result), hide_index=True, key="per_class",
-                 column_config={name: st.column_config.NumberColumn(format="%.2f") for name in ("precision", "recall", "f1")})
+                 column_config={name: st.column_config.NumberColumn(format="%.2f", help=COLUMN_HELP[name])
+                                for name in ("precision", "recall", "f1")})
 with right:
     st.subheader("Most confused")
     pairs = most_confused(result)

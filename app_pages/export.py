@@ -109,13 +109,20 @@ if not exports:
     st.stop()
 st.subheader("The parity check")
 st.dataframe(parity_table(exports), hide_index=True, key="parity_table",
-             column_config={"largest difference": st.column_config.NumberColumn(format="%.2e"),
-                            "same answer": st.column_config.NumberColumn(format="percent"),
-                            "accuracy (export)": st.column_config.NumberColumn(format="percent"),
-                            "accuracy (here)": st.column_config.NumberColumn(format="percent"),
-                            "size (MB)": st.column_config.NumberColumn(format="%.2f"),
-                            "1 image (ms)": st.column_config.NumberColumn(format="%.1f"),
-                            "32 images (ms)": st.column_config.NumberColumn(format="%.1f")})
+             column_config={
+                 "largest difference": st.column_config.NumberColumn(
+                     format="%.2e", help="The largest gap between a probability of the export and of the model here."),
+                 "same answer": st.column_config.NumberColumn(
+                     format="percent", help="Share of images on which the export gives the same class as the model here."),
+                 "accuracy (export)": st.column_config.NumberColumn(
+                     format="percent", help="Share of validation images the export classifies correctly."),
+                 "accuracy (here)": st.column_config.NumberColumn(
+                     format="percent", help="Share of validation images the model here classifies correctly."),
+                 "size (MB)": st.column_config.NumberColumn(format="%.2f", help="File size in megabytes."),
+                 "1 image (ms)": st.column_config.NumberColumn(
+                     format="%.1f", help="Milliseconds to classify one image, on this machine."),
+                 "32 images (ms)": st.column_config.NumberColumn(
+                     format="%.1f", help="Milliseconds to classify a batch of 32 images, on this machine.")})
 st.subheader("Downloads")
 for export in exports:
     folder = Path(export["folder"])

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -12,10 +13,14 @@ from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
 from signin import current_user, escape_markdown, page_user
-from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root, thumbnail
+from ui import (CURVE_STYLES, access_limits, all_runs, chart_with_table, image_alt, owner_label, permission_note,
+                pick_run, runs_root, thumbnail)
 
 REFRESH_SECONDS = 1.5
-COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e"}
+# Plotly marker shapes for overlaid runs, in turn.
+OVERLAY_MARKERS = ["circle", "diamond", "square", "triangle-up", "x", "star", "cross"]
+# What each curve measures, for axis titles and tables.
+METRIC_NAMES = {"loss": "loss", "accuracy": "accuracy (share correct)"}
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)
@@ -28,18 +33,29 @@ def metrics_reader(run_path: str) -> MetricsReader:
     return MetricsReader(run_path)
 
 
+def epoch_trace(epochs, metric: str, part: str):
+    """One part's per-epoch values (train or validation), in its own colour, marker and dash."""
+    style = CURVE_STYLES[part]
+    column = metric if part == "train" else f"val_{metric}"
+    return go.Scatter(x=epochs["progress"], y=epochs[column], mode="lines+markers", name=f"{part} (epoch)",
+                      line=dict(color=style["color"], width=3, dash=style["dash"]),
+                      marker=dict(symbol=style["symbol"], size=8))
+
+
 def curve_figure(batches, epochs, metric: str, title: str, boundary):
-    """Per-batch training values as a thin line, per-epoch train and validation values as markers."""
+    """Per-batch training values as a thin line, per-epoch train and validation values as markers.
+
+    Train and validation differ in colour, marker and dash (ui.CURVE_STYLES), not in colour alone.
+    """
     figure = go.Figure()
     if not batches.empty and metric in batches:
         figure.add_trace(go.Scatter(x=batches["progress"], y=batches[metric], mode="lines", name="train (batches)",
-                                    line=dict(color=COLOURS["train"], width=1), opacity=0.45))
+                                    line=dict(color=CURVE_STYLES["train"]["color"], width=1), opacity=0.45))
     if not epochs.empty:
-        figure.add_trace(go.Scatter(x=epochs["progress"], y=epochs[metric], mode="lines+markers",
-                                    name="train (epoch)", line=dict(color=COLOURS["train"], width=3)))
-        figure.add_trace(go.Scatter(x=epochs["progress"], y=epochs[f"val_{metric}"], mode="lines+markers",
-                                    name="validation (epoch)", line=dict(color=COLOURS["validation"], width=3)))
-    layout = dict(title=title, xaxis_title="epoch", height=340, margin=dict(t=40, b=10),
+        figure.add_trace(epoch_trace(epochs, metric, "train"))
+        figure.add_trace(epoch_trace(epochs, metric, "validation"))
+    layout = dict(title=title, xaxis_title="epoch", yaxis_title=METRIC_NAMES[metric], height=340,
+                  margin=dict(t=40, b=10),
                   legend=dict(orientation="h", y=-0.25), uirevision="keep")
     if boundary is not None:
         # A shape and a note in the layout draw what `add_vline` draws; `add_vline` (and
@@ -49,9 +65,27 @@ def curve_figure(batches, epochs, metric: str, title: str, boundary):
         layout["annotations"] = [dict(xref="x", x=boundary, yref="y domain", y=1, text="fine-tuning starts",
                                       showarrow=False, xanchor="left", yanchor="top")]
     if metric == "accuracy":
-        layout["yaxis"] = dict(range=[0, 1.02], tickformat=".0%")
+        layout["yaxis"] = dict(title=METRIC_NAMES[metric], range=[0, 1.02], tickformat=".0%")
     figure.update_layout(**layout)
     return figure
+
+
+def curve_table(epochs, metric: str):
+    """The per-epoch values a curve draws, one row per epoch, for reading without the chart."""
+    if epochs.empty:
+        return pd.DataFrame(columns=["epoch", f"train {metric}", f"validation {metric}"])
+    return pd.DataFrame({"epoch": epochs["epoch"], f"train {metric}": epochs[metric].round(4),
+                         f"validation {metric}": epochs[f"val_{metric}"].round(4)})
+
+
+def curves(batches, epochs, boundary) -> None:
+    """Loss and accuracy side by side, each with a description and its numbers as a table."""
+    left, right = st.columns(2)
+    for column, metric, title in ((left, "loss", "Loss (lower is better)"), (right, "accuracy", "Accuracy")):
+        # The same words on every refresh: Streamlit draws a chart anew when its description changes.
+        alt = f"{title}: training and validation {metric} per epoch; the numbers are in the table below."
+        chart_with_table(curve_figure(batches, epochs, metric, title, boundary), f"{metric}_chart", alt,
+                         curve_table(epochs, metric), container=column)
 
 
 def controls(run: RunStatus) -> None:
@@ -104,19 +138,19 @@ def live_view(run_path: str) -> None:
     done = ((epoch - 1 + step_fraction) / total) if total and running else (1.0 if run.state is State.FINISHED else 0.0)
     st.progress(min(max(done, 0.0), 1.0))
     first, second, third, fourth = st.columns(4)
-    first.metric("Epoch", f"{epoch or '–'} / {total or '–'}")
+    first.metric("Epoch", f"{epoch or '–'} / {total or '–'}",
+                 help="An epoch is one pass over all the training images: the one under way, of how many.")
     eta = run.eta_seconds
     second.metric("Time left", "–" if eta is None or not running else f"{eta:.0f} s",
                   help="Estimated from the speed of the batches so far.")
     speed = None if batches.empty else batches.iloc[-1].get("images_per_second")
-    third.metric("Images / second", "–" if speed is None else f"{speed:.0f}")
+    third.metric("Images / second", "–" if speed is None else f"{speed:.0f}",
+                 help="Training images processed per second in the latest batch.")
     best = run.best_val_accuracy
     fourth.metric("Best validation accuracy", "–" if best is None else f"{best:.1%}",
                   help="Share of held-out images classified correctly, best epoch so far.")
     boundary = phase_two_start(epochs)
-    left, right = st.columns(2)
-    left.plotly_chart(curve_figure(batches, epochs, "loss", "Loss (lower is better)", boundary), key="loss_chart")
-    right.plotly_chart(curve_figure(batches, epochs, "accuracy", "Accuracy", boundary), key="accuracy_chart")
+    curves(batches, epochs, boundary)
     with st.expander("Worker log (last lines)"):
         st.code(jobs.logs(run_path) or "(empty)", language=None)
 
@@ -135,7 +169,9 @@ def data_findings(run_path: str) -> None:
             left, right = st.columns(2)
             for column, path, split, label in zip((left, right), pair["paths"], pair["splits"], pair["labels"]):
                 try:
-                    column.image(thumbnail(path, 160), caption=f"{split} · {label} · {printable(Path(path).name)}")
+                    name = printable(Path(path).name)
+                    column.image(thumbnail(path, 160), caption=f"{split} · {label} · {name}",
+                                 alt=image_alt(name, true=label) + f", in the {split} images")
                 except OSError:
                     column.caption(f"{printable(path)} is no longer readable.")
 
@@ -146,12 +182,20 @@ def compare(runs: list[RunStatus], current: RunStatus) -> None:
     if not others:
         return
     figure = go.Figure()
-    for run_id in [current.run_id] + others:
+    rows = []
+    for number, run_id in enumerate([current.run_id] + others):
         _, epochs = metrics_reader(str(runs_root() / run_id)).frames()
         if not epochs.empty:
-            figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs["val_accuracy"], mode="lines+markers", name=run_id))
-    figure.update_layout(xaxis_title="epoch", yaxis_tickformat=".0%", height=340, margin=dict(t=20, b=10))
-    st.plotly_chart(figure, key="compare_chart")
+            # A marker shape per run as well as a colour, so runs are told apart without colour.
+            figure.add_trace(go.Scatter(x=epochs["epoch"], y=epochs["val_accuracy"], mode="lines+markers", name=run_id,
+                                        marker=dict(symbol=OVERLAY_MARKERS[number % len(OVERLAY_MARKERS)], size=8)))
+            rows += [{"run": run_id, "epoch": epoch, "validation accuracy": round(value, 4)}
+                     for epoch, value in zip(epochs["epoch"], epochs["val_accuracy"])]
+    figure.update_layout(title="Validation accuracy per epoch", xaxis_title="epoch",
+                         yaxis_title="validation accuracy (share correct)", yaxis_tickformat=".0%", height=340,
+                         margin=dict(t=40, b=10))
+    chart_with_table(figure, "compare_chart", f"Validation accuracy per epoch of {len(others) + 1} runs.",
+                     pd.DataFrame(rows))
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in

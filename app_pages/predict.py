@@ -4,12 +4,13 @@
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from engine import runfiles
 from signin import escape_markdown, page_user
-from ui import pick_run, runs_having
+from ui import chart_with_table, image_alt, pick_run, runs_having
 from views.explain import loaded_model, overlay_for_upload, overlay_controls
 
 
@@ -27,6 +28,32 @@ def predict(run_path: str, uploads: list, top_k: int) -> list:
             result["name"] = upload.name
             result["bytes"] = upload.getvalue()
     return results
+
+
+def show_answer(result: dict, picture, number: int, overlay_shown: bool) -> None:
+    """The picture (described for screen readers), the answer in words, and the top classes as bars and a table."""
+    left, right = st.columns([1, 2])
+    best = result["top"][0]
+    sure = result.get("sure", True)
+    answer = result.get("verdict", best["class"]) if sure else best["class"]
+    shown = result.get("probabilities", {}).get(answer, best["probability"]) if sure else best["probability"]
+    left.image(picture, caption=result["name"], width=240,
+               alt=image_alt(result["name"], predicted=answer if sure else f"not sure, maybe {answer}",
+                             confidence=shown, overlay=overlay_shown))
+    with right:
+        if sure:
+            st.markdown(f"### {escape_markdown(answer)} — {shown:.0%}")
+        else:
+            st.markdown(f"### Not sure — maybe {escape_markdown(best['class'])} ({best['probability']:.0%})")
+            st.caption("The model is less sure than the minimum its owner set on the Evaluate page.")
+        top = pd.DataFrame({"class": [entry["class"] for entry in result["top"]],
+                            "probability": [round(entry["probability"], 4) for entry in result["top"]]})
+        figure = px.bar(top.iloc[::-1], x="probability", y="class", orientation="h", range_x=[0, 1],
+                        title=f"Top {len(top)} classes for {result['name']}",
+                        labels={"probability": "probability (calibrated)", "class": "class"})
+        figure.update_layout(height=100 + 40 * len(top), margin=dict(t=40, b=10), xaxis_tickformat=".0%")
+        chart_with_table(figure, f"bars_{number}",
+                         f"Bar chart of the {len(top)} most probable classes for {result['name']}.", top)
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
@@ -49,28 +76,15 @@ if not uploads:
     st.caption("Upload one or more images to see what the model thinks.")
     st.stop()
 for number, result in enumerate(predict(run.path, uploads, top_k)):
-    left, right = st.columns([1, 2])
     picture = result["bytes"]
     if opacity is not None and "error" not in result:
         # Explain the class the model answered (its most probable one when it is not sure).
         explained = result["verdict"] if result.get("sure") else result["top"][0]["class"]
         overlay = overlay_for_upload(str(run.path), result["bytes"], result["name"], explained, opacity)
         picture = picture if overlay is None else overlay
-    left.image(picture, caption=result["name"], width=240)
-    with right:
-        if "error" in result:
-            st.error(f"{result['name']}: {result['error']}")
-            continue
-        best = result["top"][0]
-        if result.get("sure", True):
-            answer = result.get("verdict", best["class"])
-            shown = result.get("probabilities", {}).get(answer, best["probability"])
-            st.markdown(f"### {escape_markdown(answer)} — {shown:.0%}")
-        else:
-            st.markdown(f"### Not sure — maybe {escape_markdown(best['class'])} ({best['probability']:.0%})")
-            st.caption("The model is less sure than the minimum its owner set on the Evaluate page.")
-        figure = px.bar(x=[entry["probability"] for entry in result["top"]][::-1],
-                        y=[entry["class"] for entry in result["top"]][::-1], orientation="h",
-                        labels={"x": "probability (calibrated)", "y": ""}, range_x=[0, 1])
-        figure.update_layout(height=60 + 40 * len(result["top"]), margin=dict(t=10, b=10), xaxis_tickformat=".0%")
-        st.plotly_chart(figure, key=f"bars_{number}")
+    if "error" in result:
+        left, right = st.columns([1, 2])
+        left.image(picture, caption=result["name"], width=240, alt=image_alt(result["name"]))
+        right.error(f"{result['name']}: {result['error']}")
+        continue
+    show_answer(result, picture, number, overlay_shown=picture is not result["bytes"])

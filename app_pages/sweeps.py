@@ -30,10 +30,13 @@ st.caption("Varied: " + " · ".join(f"`{name}` ∈ {{{', '.join(map(str, values)
 
 table, chosen = leaderboard(sweep, runs_root())
 st.dataframe(table, hide_index=True, key="leaderboard",
-             column_config={"validation accuracy": st.column_config.NumberColumn(format="percent"),
-                            "training seconds": st.column_config.NumberColumn(format="%.0f"),
-                            "model MB": st.column_config.NumberColumn(format="%.2f"),
-                            "latency ms (1 image)": st.column_config.NumberColumn(format="%.1f")})
+             column_config={
+                 "validation accuracy": st.column_config.NumberColumn(
+                     format="percent", help="Share of validation images classified correctly; the ranking's measure."),
+                 "training seconds": st.column_config.NumberColumn(format="%.0f", help="Time from start to finish."),
+                 "model MB": st.column_config.NumberColumn(format="%.2f", help="The model file's size in megabytes."),
+                 "latency ms (1 image)": st.column_config.NumberColumn(
+                     format="%.1f", help="Milliseconds to classify one image on this machine (latency).")})
 unfinished = int((table["state"] != "finished").sum()) if not table.empty else 0
 if unfinished:
     st.caption(f"{unfinished} run(s) not finished yet; the table fills in as they end.")

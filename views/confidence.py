@@ -1,11 +1,24 @@
 """How sure the model is (the reliability diagram) and where it answers (the operating point), for Evaluate."""
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from engine.operating_point import Decision, binary_curves, per_class_precision_recall, read_decision, save_decision
 from engine.users import User
+from ui import CURVE_STYLES, PALETTE, chart_with_table
+
+# Before and after calibration differ in colour (Okabe–Ito vermillion and blue), marker and dash.
+RELIABILITY_STYLES = {"uncalibrated": {"color": PALETTE[1], "symbol": "diamond", "dash": "dash"},
+                      "calibrated": {"color": PALETTE[0], "symbol": "circle", "dash": "solid"}}
+# The precision-recall tables' columns, in words (the per-class score table says "precision" and "recall").
+FOUND, RIGHT = "share found (recall)", "share right (precision)"
+# Per-class curves: a dash pattern per class as well as a colour.
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+# The slider's point on the binary curves: black-outlined, so it stands out without its colour.
+SLIDER_MARKER = dict(size=14, color=CURVE_STYLES["validation"]["color"], symbol="x",
+                     line=dict(width=1, color="black"))
 
 
 def reliability_figure(reliability: dict):
@@ -13,20 +26,43 @@ def reliability_figure(reliability: dict):
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
                                 line=dict(color="grey", dash="dot")))
-    for name, colour in (("uncalibrated", "#d62728"), ("calibrated", "#2ca02c")):
+    for name, style in RELIABILITY_STYLES.items():
         rows = [row for row in reliability.get(name) or [] if row["count"]]
         if not rows:
             continue
         figure.add_trace(go.Scatter(
             x=[row["confidence"] for row in rows], y=[row["accuracy"] for row in rows], mode="lines+markers",
-            name=f"{name} (as trained)" if name == "uncalibrated" else name, line=dict(color=colour),
-            marker=dict(size=[6 + 18 * np.sqrt(row["count"] / max(r["count"] for r in rows)) for row in rows]),
+            name=f"{name} (as trained)" if name == "uncalibrated" else name,
+            line=dict(color=style["color"], dash=style["dash"]),
+            marker=dict(size=[6 + 18 * np.sqrt(row["count"] / max(r["count"] for r in rows)) for row in rows],
+                        symbol=style["symbol"]),
             customdata=[row["count"] for row in rows],
             hovertemplate="said %{x:.0%} sure → right %{y:.0%} of %{customdata} images<extra></extra>"))
-    figure.update_layout(xaxis=dict(title="how sure the model said it was", tickformat=".0%", range=[0, 1]),
+    figure.update_layout(title="Reliability: how sure it said it was against how often it was right",
+                         xaxis=dict(title="how sure the model said it was", tickformat=".0%", range=[0, 1]),
                          yaxis=dict(title="how often it was right", tickformat=".0%", range=[0, 1.02]),
-                         height=360, margin=dict(t=10, b=10), legend=dict(orientation="h", y=-0.25))
+                         height=360, margin=dict(t=40, b=10), legend=dict(orientation="h", y=-0.25))
     return figure
+
+
+def reliability_table(reliability: dict) -> pd.DataFrame:
+    """The reliability diagram's points: per probability bin, before and after calibration."""
+    rows = [{"probabilities": name, "said it was sure": f"{row['confidence']:.0%}",
+             "was right": f"{row['accuracy']:.0%}", "images": row["count"]}
+            for name in RELIABILITY_STYLES for row in reliability.get(name) or [] if row["count"]]
+    return pd.DataFrame(rows, columns=["probabilities", "said it was sure", "was right", "images"])
+
+
+def curve_table(columns: dict, threshold=None) -> pd.DataFrame:
+    """A curve's points as a table, rounded for reading; with `threshold`, the probability each point starts at."""
+    table = pd.DataFrame({name: np.round(np.asarray(values, dtype=float), 3) for name, values in columns.items()})
+    if threshold is not None:
+        # scikit-learn's precision-recall curve has one threshold fewer than points: the last point has none.
+        starts = np.full(len(table), np.nan)
+        values = np.round(np.asarray(threshold, dtype=float), 3)[:len(table)]
+        starts[:len(values)] = values
+        table.insert(0, "from probability", starts)
+    return table
 
 
 def calibration_section(evaluation: dict, split: str) -> None:
@@ -47,13 +83,17 @@ def calibration_section(evaluation: dict, split: str) -> None:
                  help="Expected calibration error (15 bins): on average, how far 'says X % sure' is from "
                       "'right X % of the time'. Lower is better.")
     second.metric("After calibration", _percent(errors["calibrated"]),
+                  help="The same calibration error once the probabilities are softened or sharpened by the "
+                       "temperature; the change is in percentage points.",
                   delta=None if errors["uncalibrated"] is None or errors["calibrated"] is None
                   else f"{(errors['calibrated'] - errors['uncalibrated']) * 100:+.1f} points",
                   delta_color="inverse")
     third.metric("Temperature", f"{calibration['temperature']:.2f}",
                  help="Fitted on the validation images: above 1 the model was over-confident and its "
                       "probabilities are softened; below 1 it was too modest.")
-    st.plotly_chart(reliability_figure(measured["reliability"]), key="reliability")
+    chart_with_table(reliability_figure(measured["reliability"]), "reliability",
+                     "Reliability diagram: how sure the model said it was against how often it was right, before "
+                     "and after calibration; the diagonal is perfect.", reliability_table(measured["reliability"]))
     note = ("The temperature was fitted on these images, so this is the best case; test images are the honest check."
             if split == "validation" else "The temperature never saw these images: this is the honest check.")
     st.caption(f"Every probability shown in Transfer Studio is the calibrated one. {note}")
@@ -114,34 +154,48 @@ def _binary_curves(probabilities, true_indices, classes, threshold: float) -> No
                                   customdata=pr["threshold"],
                                   hovertemplate="from %{customdata:.2f}: finds %{x:.0%}, right %{y:.0%}<extra></extra>"))
     figure.add_trace(go.Scatter(x=[pr["recall"][at_pr]], y=[pr["precision"][at_pr]], mode="markers",
-                                marker=dict(size=14, color="#d62728"), name="the slider"))
+                                marker=SLIDER_MARKER, name="the slider"))
     figure.update_layout(title=f"Precision–recall for {classes[1]} (area {curves['average_precision']:.2f})",
                          xaxis=dict(title=f"share of {classes[1]} found (recall)", tickformat=".0%"),
                          yaxis=dict(title=f"share right when it says {classes[1]} (precision)", tickformat=".0%"),
                          height=340, margin=dict(t=40, b=10), showlegend=False)
-    left.plotly_chart(figure, key="precision_recall")
+    chart_with_table(figure, "precision_recall",
+                     f"Precision against recall for {classes[1]} at every probability; a cross marks the slider.",
+                     curve_table({FOUND: pr["recall"], RIGHT: pr["precision"]}, pr["threshold"]),
+                     container=left)
     figure = go.Figure(go.Scatter(x=roc["false_positive_rate"], y=roc["true_positive_rate"], mode="lines",
                                   customdata=roc["threshold"],
                                   hovertemplate="from %{customdata:.2f}: finds %{y:.0%}, "
                                                 "false alarms %{x:.0%}<extra></extra>"))
     figure.add_trace(go.Scatter(x=[roc["false_positive_rate"][at_roc]], y=[roc["true_positive_rate"][at_roc]],
-                                mode="markers", marker=dict(size=14, color="#d62728")))
-    figure.update_layout(title=f"ROC (area {curves['roc_auc']:.2f})",
+                                mode="markers", marker=SLIDER_MARKER))
+    figure.update_layout(title=f"ROC curve: found against false alarms (area {curves['roc_auc']:.2f})",
                          xaxis=dict(title=f"{classes[0]} images called {classes[1]}", tickformat=".0%"),
                          yaxis=dict(title=f"{classes[1]} images found", tickformat=".0%"),
                          height=340, margin=dict(t=40, b=10), showlegend=False)
-    right.plotly_chart(figure, key="roc")
+    chart_with_table(figure, "roc",
+                     f"ROC (receiver operating characteristic) curve: {classes[1]} images found against {classes[0]} "
+                     "images wrongly called it, at every probability; a cross marks the slider.",
+                     curve_table({"false alarms": roc["false_positive_rate"], "found": roc["true_positive_rate"]},
+                                 roc["threshold"]), container=right)
 
 
 def _per_class_curves(probabilities, true_indices, classes) -> None:
     curves = per_class_precision_recall(probabilities, true_indices, classes)
     figure = go.Figure()
-    for name, curve in curves.items():
+    tables = []
+    for number, (name, curve) in enumerate(curves.items()):
         if curve:
             figure.add_trace(go.Scatter(x=curve["recall"], y=curve["precision"], mode="lines",
+                                        line=dict(dash=DASHES[number % len(DASHES)]),
                                         name=f"{name} (area {curve['average_precision']:.2f})"))
+            tables.append(curve_table({FOUND: curve["recall"], RIGHT: curve["precision"]})
+                          .assign(**{"class": name}))
     figure.update_layout(title="Precision–recall per class (each class against the rest)",
                          xaxis=dict(title="share of the class found (recall)", tickformat=".0%"),
                          yaxis=dict(title="share right when it says the class (precision)", tickformat=".0%"),
                          height=360, margin=dict(t=40, b=10))
-    st.plotly_chart(figure, key="per_class_precision_recall")
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["class", FOUND, RIGHT])
+    chart_with_table(figure, "per_class_precision_recall",
+                     f"Precision against recall for each of {len(classes)} classes, each class against the rest.",
+                     table[["class", FOUND, RIGHT]])

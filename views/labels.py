@@ -15,7 +15,7 @@ from engine.data import DataError
 from engine.images import printable
 from engine.label_decisions import read_decisions, record_decision, undo_decision
 from engine.users import Role
-from ui import thumbnail
+from ui import PALETTE, chart_with_table, image_alt, thumbnail
 
 # Suspect images per page of the "check these labels" gallery.
 ISSUES_PER_PAGE = 12
@@ -97,7 +97,8 @@ def show_issue_gallery(path: str, issues: list, user) -> None:
             if not Path(image).is_file():
                 st.caption(f"{printable(Path(image).name)}: no longer in the folder")
                 continue
-            st.image(thumbnail(image))
+            st.image(thumbnail(image), alt=image_alt(printable(Path(image).name), true=issue["given"])
+                     + f", filed under {issue['given']}; suggested {issue['suggested']}")
             st.caption(f"{printable(Path(image).name)} · given {issue['given']} → suggested {issue['suggested']} "
                        f"· score {issue['score']:.3f}")
             decision = decided.get(image)
@@ -151,17 +152,24 @@ def show_data_map(path: str) -> None:
         points = pd.DataFrame(result["points"])
         points["file"] = points["path"].map(lambda file: printable(os.path.relpath(file, path)))
         points["kind"] = points["mistake"].map({True: "mistake", False: "agrees"})
-        # Distinct hues per class (the theme's own sequence is shades of one blue).
+        # Distinct, colour-blind-safe hues per class (ui.PALETTE); mistakes differ by shape too.
         figure = px.scatter(points, x="x", y="y", color="label", symbol="kind",
-                            color_discrete_sequence=px.colors.qualitative.D3,
+                            color_discrete_sequence=PALETTE,
                             symbol_map={"agrees": "circle", "mistake": "x"},
                             hover_data={"file": True, "predicted": True, "x": False, "y": False, "kind": False},
                             custom_data=["path"], title=f"{len(points)} images, {result['num_mistakes']} mistakes")
-        figure.update_layout(height=520, margin=dict(t=40, b=10), xaxis_title="", yaxis_title="")
+        # t-SNE's two axes have no meaning of their own: only closeness does, and the titles say so.
+        figure.update_layout(height=520, margin=dict(t=40, b=10), xaxis_title="map axis 1 (no unit)",
+                             yaxis_title="map axis 2 (no unit)")
         # Plotly cannot show an image on hover: a clicked (or lasso-selected) point's image is shown below.
-        event = st.plotly_chart(figure, key="data_map_chart", on_select="rerun", selection_mode="points")
+        event = chart_with_table(
+            figure, "data_map_chart", f"A map of {len(points)} images by what the network sees, one colour per "
+            f"class; {result['num_mistakes']} mistakes are marked with a cross.",
+            points[["file", "label", "predicted", "kind", "x", "y"]].round({"x": 2, "y": 2}),
+            on_select="rerun", selection_mode="points")
         for point in event.selection.points[:4]:
             image = (point.get("customdata") or [None])[0]
             if image and Path(image).is_file():
-                st.image(thumbnail(image), caption=printable(Path(image).name), width=200)
+                st.image(thumbnail(image), caption=printable(Path(image).name), width=200,
+                         alt=image_alt(printable(Path(image).name)))
         st.caption(result["method"])
