@@ -155,7 +155,8 @@ def image_alt(file_name: str, true: str | None = None, predicted: str | None = N
     if true is not None:
         parts.append(f"true class {true}")
     if predicted is not None:
-        parts.append(f"predicted {predicted}" + (f" with {confidence:.0%} confidence" if confidence is not None else ""))
+        sure = f" with {confidence:.0%} confidence" if confidence is not None else ""
+        parts.append(f"predicted {predicted}{sure}")
     text = ", ".join(parts)
     # Grad-CAM colours are drawn over the picture: a reader should know the colours are not the photo's.
     return text + ("; the parts that counted most for the answer are drawn over it in warm colours" if overlay else "")
@@ -183,3 +184,15 @@ def chart_with_table(figure, key: str, alt: str, table, container=None, **chart_
     with where.expander("Show the numbers as a table"):
         st.dataframe(table, hide_index=True, key=f"{key}_table")
     return drawn
+
+
+def keyboard_focus_styles() -> None:
+    """A clear ring around whatever has the keyboard focus; call it at the top of every page.
+
+    Streamlit marks a focused sidebar link only by a faint grey background, the same the current
+    page's link already has, so a keyboard user cannot see where they are (WCAG 2.4.7). The ring
+    is the theme's primary colour, 3.5:1 or more against both themes' backgrounds.
+    """
+    colour = st.get_option("theme.primaryColor") or "#1b6ec2"
+    st.html(f"<style>a:focus-visible, button:focus-visible, summary:focus-visible, [role='tab']:focus-visible, "
+            f"[tabindex]:focus-visible {{outline: 2px solid {colour} !important; outline-offset: 2px;}}</style>")

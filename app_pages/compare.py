@@ -12,7 +12,7 @@ from engine import runfiles
 from engine.compare import image_diff, results_side_by_side, settings_that_differ, verdict
 from engine.interpret import metrics_frames
 from signin import page_user
-from ui import chart_with_table, image_alt, run_label, runs_having, short_name, thumbnail
+from ui import chart_with_table, image_alt, keyboard_focus_styles, run_label, runs_having, short_name, thumbnail
 
 MAXIMUM_RUNS = 4
 # A marker shape per run, as well as its colour, so runs are told apart without colour vision.
@@ -114,6 +114,7 @@ def two_run_diff(paths: list, names: dict) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Compare")
 runs = runs_having(runfiles.EVALUATION_FILE)
 if len(runs) < 2:

@@ -27,7 +27,7 @@ from engine.locations import CACHE_BUDGET_VARIABLE, data_roots
 from engine.samples import SAMPLES, SampleUnavailableError, ensure_sample
 from engine.tfds_samples import TFDS_SUGGESTIONS, ensure_tfds_dataset
 from signin import current_user, page_user
-from ui import chart_with_table, image_alt, secret_data_roots, thumbnail
+from ui import chart_with_table, image_alt, keyboard_focus_styles, secret_data_roots, thumbnail
 from views.labels import show_data_map, show_label_issues
 
 IMAGES_PER_PAGE = 12
@@ -322,6 +322,7 @@ def show_doctor(path: str, fingerprint: str, scan, fractions: tuple) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Data")
 path = choose_dataset()
 if not path:

@@ -12,7 +12,7 @@ from engine import runfiles
 from engine.feedback import list_feedback, record_feedback, resolve_feedback
 from engine.share import demo_examples, demo_link, only_this_computer, qr_png
 from signin import escape_markdown, page_user
-from ui import image_alt, runs_having, thumbnail
+from ui import image_alt, keyboard_focus_styles, runs_having, thumbnail
 from views.explain import loaded_model as shared_loaded_model
 
 # The best guess in the accent colour, the others quieter, so the answer stands out from the back of a room.
@@ -261,6 +261,7 @@ def share(run) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Demo")
 st.caption("Show what a trained model sees: take a photo or try an example picture, and the model says what it is.")
 runs = runs_having(runfiles.MODEL_FILE)

@@ -14,7 +14,7 @@ from engine.interpret import (apply_decision, cell_images, confusion_table, load
                               per_class_table, split_probabilities, top_losses)
 from engine.operating_point import NOT_SURE
 from signin import escape_markdown, page_user
-from ui import chart_with_table, image_alt, pick_run, runs_having, thumbnail
+from ui import chart_with_table, image_alt, keyboard_focus_styles, pick_run, runs_having, thumbnail
 from views.card import card_section
 from views.confidence import calibration_section, operating_point_controls
 from views.explain import heatmaps, overlaid, overlay_controls
@@ -102,6 +102,7 @@ def pick_cell(classes: list, answers: list, selection) -> tuple[str, str]:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Evaluate")
 runs = runs_having(runfiles.EVALUATION_FILE)
 if not runs:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from engine import runfiles
 from signin import page_user
-from ui import pick_run, runs_having
+from ui import keyboard_focus_styles, pick_run, runs_having
 
 # (label, format, quantize) in the order a person would reach for them.
 CHOICES = [
@@ -85,6 +85,7 @@ def export_button(run, user) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Export")
 runs = runs_having(runfiles.MODEL_FILE)
 if not runs:
@@ -113,7 +114,7 @@ st.dataframe(parity_table(exports), hide_index=True, key="parity_table",
                  "largest difference": st.column_config.NumberColumn(
                      format="%.2e", help="The largest gap between a probability of the export and of the model here."),
                  "same answer": st.column_config.NumberColumn(
-                     format="percent", help="Share of images on which the export gives the same class as the model here."),
+                     format="percent", help="Share of images the export gives the same class as the model here."),
                  "accuracy (export)": st.column_config.NumberColumn(
                      format="percent", help="Share of validation images the export classifies correctly."),
                  "accuracy (here)": st.column_config.NumberColumn(

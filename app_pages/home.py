@@ -14,7 +14,7 @@ from engine.run_details import SORT_ORDERS, describe, filter_runs, sort_runs
 from engine.status import State
 from engine.users import Role
 from signin import escape_markdown, page_user
-from ui import access_limits, all_runs, owner_label, permission_note, pick_run, runs_root
+from ui import access_limits, all_runs, keyboard_focus_styles, owner_label, permission_note, pick_run, runs_root
 
 ENDED = (State.FINISHED, State.STOPPED, State.FAILED, State.UNKNOWN)
 
@@ -140,6 +140,7 @@ def act(change, done: str) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Transfer Studio")
 st.markdown(
     "Build an image classifier from folders of labelled pictures by **transfer learning**: "

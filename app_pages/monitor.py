@@ -13,8 +13,8 @@ from engine.interpret import phase_two_start
 from engine.metrics_reader import MetricsReader
 from engine.status import RunStatus, State
 from signin import current_user, escape_markdown, page_user
-from ui import (CURVE_STYLES, access_limits, all_runs, chart_with_table, image_alt, owner_label, permission_note,
-                pick_run, runs_root, thumbnail)
+from ui import (CURVE_STYLES, access_limits, all_runs, chart_with_table, image_alt, keyboard_focus_styles, owner_label,
+                permission_note, pick_run, runs_root, thumbnail)
 
 REFRESH_SECONDS = 1.5
 # Plotly marker shapes for overlaid runs, in turn.
@@ -199,6 +199,7 @@ def compare(runs: list[RunStatus], current: RunStatus) -> None:
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Monitor")
 runs = all_runs()
 if not runs:

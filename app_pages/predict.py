@@ -10,7 +10,7 @@ import streamlit as st
 
 from engine import runfiles
 from signin import escape_markdown, page_user
-from ui import chart_with_table, image_alt, pick_run, runs_having
+from ui import chart_with_table, image_alt, keyboard_focus_styles, pick_run, runs_having
 from views.explain import loaded_model, overlay_for_upload, overlay_controls
 
 
@@ -57,6 +57,7 @@ def show_answer(result: dict, picture, number: int, overlay_shown: bool) -> None
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Predict")
 runs = runs_having(runfiles.MODEL_FILE)
 if not runs:

@@ -9,9 +9,10 @@ import streamlit as st
 from engine.latency import measure_latency
 from engine.sweeps import leaderboard, list_sweeps
 from signin import escape_markdown, page_user
-from ui import runs_root
+from ui import keyboard_focus_styles, runs_root
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Sweeps")
 sweeps = list_sweeps(runs_root())
 if not sweeps:
