@@ -8,20 +8,20 @@ are Streamlit's own ones that the app cannot fix (`STREAMLIT_FINDINGS`), each by
 selector, with its upstream issue; docs/accessibility.md lists them.
 
 One server serves one runs folder: first empty (every page without runs), then with two tiny
-finished runs and one running run (Monitor while it runs, Evaluate with a confusion-matrix
-cell chosen, Compare, Predict with a prediction shown, Demo with an answer, Export).
+finished runs (Evaluate with a confusion-matrix cell chosen, Compare, Predict with a prediction
+shown, Demo with an answer, Export, and three pages in the dark theme). The keyboard-only test
+then chooses the built-in sample, starts a run (Monitor is audited while it runs), opens
+Evaluate, chooses a confusion-matrix cell and predicts an image with Tab, arrows, Enter and
+Space alone, checking at every key that the focus can be seen.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import (REPO_ROOT, launch_chromium, make_dataset, serve_dashboard, stop_live_workers,
-                            tiny_config, wait_until)
+from tests.conftest import REPO_ROOT, launch_chromium, make_dataset, serve_dashboard, stop_live_workers, tiny_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.training]
 
@@ -39,7 +39,7 @@ PAGES = {"Home": "", "Data": "data", "Train": "train", "Monitor": "monitor", "Ev
 HEADINGS = {"Home": "Transfer Studio"}
 
 
-# True once Streamlit has been idle for a second (its running indicator can blink off between
+# True once Streamlit has been idle for 0.6 s (its running indicator can blink off between
 # messages), no placeholder is left and every image has loaded.
 DRAWN = """() => {
     const now = performance.now();
@@ -49,12 +49,12 @@ DRAWN = """() => {
         window.__lastBusy = now;
         return false;
     }
-    return now - (window.__lastBusy || 0) > 1000;
+    return now - (window.__lastBusy || 0) > 600;
 }"""
 
 
 def wait_until_drawn(page, title: str) -> None:
-    """Waits for a page's heading, then for Streamlit to finish: idle for a second, every image loaded."""
+    """Waits for a page's heading, then for Streamlit to finish: idle for 0.6 s, every image loaded."""
     page.get_by_role("heading", name=HEADINGS.get(title, title), exact=True).wait_for(timeout=60000)
     page.evaluate("window.__lastBusy = performance.now()")
     page.wait_for_function(DRAWN, timeout=90000, polling=100)
@@ -143,28 +143,22 @@ def browser_page(browser):
 
 @pytest.fixture(scope="module")
 def runs(dashboard):
-    """Two tiny finished runs and one run that keeps running (slowed by a test-only fault), in the served folder.
+    """Two tiny finished runs in the served folder; returns (their ids, the dataset folder).
 
-    Returns (running run id, finished run ids, the dataset folder).
+    A running run is audited by the keyboard test, on the run it starts.
     """
     import engine
-    from engine import jobs
-    from engine.runfiles import FAULT_VARIABLE
 
     _, base = dashboard
     root = base / "runs"
     data = make_dataset(base / "colours", classes=("birds", "cats", "dogs"), per_class=8)
-    with pytest.MonkeyPatch.context() as patch:
-        # Only the started worker inherits the pause after each epoch, so it is still running when audited.
-        patch.setenv(FAULT_VARIABLE, "epoch_end:sleep:0.5")
-        running = jobs.start(tiny_config(data, name="Still learning", **{"training.epochs": 400}), root)
     finished = []
     for name, learning_rate in (("Colour guesser", 0.01), ("Colour guesser, slower", 0.003)):
         config = tiny_config(data, name=name, **{"data.cache": "memory", "training.learning_rate": learning_rate})
         run_dir = engine.train_run(config, root)
         assert engine.read_status(run_dir).state is engine.State.FINISHED
         finished.append(run_dir.name)
-    return running, finished, data
+    return finished, data
 
 
 def test_every_page_without_runs_has_no_serious_finding(dashboard, browser_page):
@@ -178,23 +172,10 @@ def test_every_page_without_runs_has_no_serious_finding(dashboard, browser_page)
 
 
 def test_every_page_with_runs_has_no_serious_finding(dashboard, browser_page, runs):
-    from engine import jobs
-    from engine.status import State, read_status
-
-    url, base = dashboard
-    running, finished, data = runs
+    url, _ = dashboard
+    finished, data = runs
     page = browser_page
     findings = []
-
-    wait_until(lambda: (read_status(base / "runs" / running).epoch or 0) >= 1, timeout=120,
-               what="the running run's first epoch")
-    visit(page, url, "Monitor", f"?run={running}")
-    page.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=30000)
-    findings += audit(page, "Monitor (a running run)")
-    jobs.kill(running, base / "runs")  # the rest needs no running run: its CPU goes to the browser
-    wait_until(lambda: read_status(base / "runs" / running).state is not State.RUNNING, timeout=60,
-               what="the killed run to end")
-
     for title in ("Home", "Data", "Train", "Sweeps", "Export"):
         visit(page, url, title, f"?run={finished[0]}")
         findings += audit(page, f"{title} (finished runs)")
@@ -240,7 +221,7 @@ def choose_a_confusion_cell(page) -> None:
 def test_pages_in_the_dark_theme_have_no_serious_finding(dashboard, browser, runs):
     """The dark theme's contrast: a browser whose system setting is dark gets the app's dark theme."""
     url, _ = dashboard
-    _, finished, _ = runs
+    finished, _ = runs
     page = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark").new_page()
     findings = []
     # The pages with the most kinds of text: captions with code, alerts, metrics, tables and charts.
@@ -252,3 +233,134 @@ def test_pages_in_the_dark_theme_have_no_serious_finding(dashboard, browser, run
     page.context.close()
     print(describe(findings))
     assert not blocking(findings), "\n" + describe(blocking(findings))
+
+
+# True when the focused element shows where it is: an outline or a shadow ring on it or on one of the
+# few wrappers Base Web draws its fields with, or their border in the theme's primary colour.
+FOCUS_SHOWN = """() => {
+    const focused = document.activeElement;
+    if (!focused || focused === document.body) return 'nothing is focused';
+    let node = focused;
+    for (let depth = 0; node && depth < 5; depth++, node = node.parentElement) {
+        const style = getComputedStyle(node);
+        if (style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) > 0) return '';
+        if (style.boxShadow && style.boxShadow !== 'none') return '';
+        if (style.borderTopColor === 'rgb(27, 110, 194)' || style.borderBottomColor === 'rgb(27, 110, 194)') return '';
+    }
+    const label = focused.getAttribute('aria-label') || focused.innerText || focused.value || '';
+    return `${focused.tagName.toLowerCase()} "${label.slice(0, 40)}" has no visible focus`;
+}"""
+
+
+def focus_problem(page) -> str:
+    """"" when the focus is visible within a second (Base Web fades its border in), else what is wrong."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"() => !({FOCUS_SHOWN})()", timeout=1000, polling=50)
+        return ""
+    except PlaywrightTimeout:
+        return page.evaluate(FOCUS_SHOWN)
+
+
+def press(page, key: str) -> None:
+    """Presses one key and checks that the focus, wherever it went, can be seen.
+
+    Enter and Space may rerun the page or open another: the check then waits for it to be drawn,
+    and a focus that went back to the page itself (the next Tab starts from the top) is accepted.
+    """
+    before = page.evaluate("(document.activeElement?.outerHTML || '').slice(0, 160)")
+    page.keyboard.press(key)
+    problem = focus_problem(page)
+    if problem and key in ("Enter", "Space"):
+        page.evaluate("window.__lastBusy = performance.now()")
+        page.wait_for_function(DRAWN, timeout=90000, polling=100)
+        problem = focus_problem(page).replace("nothing is focused", "")
+    if problem == "nothing is focused" and key == "Tab":
+        # Past the page's last element the focus leaves for the browser's own controls once; the
+        # next Tab must bring it back to the top of the page (Streamlit's "Skip to main content").
+        page.keyboard.press("Tab")
+        problem = focus_problem(page) or ("" if page.evaluate(
+            "document.activeElement?.dataset?.testid === 'stSkipToContent'") else "the focus did not come back")
+    assert not problem, f"after {key} (from {before}): {problem}"
+
+
+def tab_to(page, target, limit: int = 250) -> None:
+    """Presses Tab until `target` (a locator) holds the focus, checking the focus is visible at every stop."""
+    target.wait_for(timeout=60000)
+    for _ in range(limit):
+        press(page, "Tab")
+        if target.evaluate("element => element === document.activeElement || element.contains(document.activeElement)"):
+            return
+    raise AssertionError(f"{limit} presses of Tab never reached {target}")
+
+
+def sidebar_link(page, title: str):
+    """The page's link in the sidebar (its text ends with the title; the icon's ligature comes first)."""
+    return page.locator("[data-testid='stSidebarNav'] a").filter(has_text=re.compile(f"{title}$")).first
+
+
+def go_by_keyboard(page, title: str) -> None:
+    """Tabs to the page's link in the sidebar and presses Enter."""
+    tab_to(page, sidebar_link(page, title))
+    press(page, "Enter")
+    wait_until_drawn(page, title)
+
+
+def type_into(page, label: str, text: str) -> None:
+    """Tabs to a number or text field and replaces what it holds by typing."""
+    tab_to(page, page.locator(f"input[aria-label='{label}']").first)
+    page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+
+
+def test_a_keyboard_user_trains_explores_and_predicts(dashboard, browser):
+    """The whole flow with Tab, arrows, Enter and Space (and typing into fields), the focus always visible."""
+    url, base = dashboard
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(url)
+    wait_until_drawn(page, "Home")
+
+    go_by_keyboard(page, "Data")
+    tab_to(page, page.get_by_role("button", name="Use this sample"))
+    press(page, "Space")
+    page.get_by_text("Usable images").wait_for(timeout=60000)
+    wait_until_drawn(page, "Data")
+    tab_to(page, page.get_by_role("button", name=re.compile("^Train on this data")))
+    press(page, "Enter")
+    wait_until_drawn(page, "Train")
+
+    # A small share of the digits at a small size, so the run takes seconds.
+    type_into(page, "Use this share of the data", "0.1")
+    type_into(page, "Image size (px)", "64")
+    type_into(page, "Epochs", "2")
+    tab_to(page, page.get_by_role("button", name="Start training"))
+    press(page, "Enter")
+    page.get_by_role("heading", name="Monitor", exact=True).wait_for(timeout=60000)
+    # The audit of a running run: its worker is still starting TensorFlow for several seconds.
+    page.get_by_test_id("stAlertContentInfo").get_by_text("RUNNING").wait_for(timeout=60000)
+    wait_until_drawn(page, "Monitor")
+    findings = blocking(audit(page, "Monitor (a running run)"))
+    assert not findings, "\n" + describe(findings)
+    page.get_by_test_id("stAlertContentSuccess").get_by_text("FINISHED").wait_for(timeout=240000)
+    wait_until_drawn(page, "Monitor")
+
+    go_by_keyboard(page, "Evaluate")
+    true_class = page.get_by_role("combobox", name="True class")
+    tab_to(page, true_class)
+    before = page.get_by_text(re.compile(r"^True \S+, answered \S+$")).inner_text()
+    press(page, "ArrowDown")  # opens the list on the current class
+    press(page, "ArrowDown")
+    press(page, "Enter")
+    wait_until_drawn(page, "Evaluate")
+    after = page.get_by_text(re.compile(r"^True \S+, answered \S+$")).inner_text()
+    assert after != before, f"the keyboard did not choose another cell: still {after!r}"
+
+    go_by_keyboard(page, "Predict")
+    sample = next((base / "appdata").rglob("*.png"))
+    tab_to(page, page.get_by_test_id("stFileUploaderDropzone").locator("button"))
+    with page.expect_file_chooser() as chooser:
+        press(page, "Enter")
+    chooser.value.set_files(str(sample))
+    page.get_by_role("heading", name=re.compile(r"— \d+%|^Not sure")).wait_for(timeout=60000)
+    page.context.close()
