@@ -50,7 +50,9 @@ def confusion_figure(classes: list, answers: list, matrix: np.ndarray, normalise
     figure.update_layout(title=dict(text="Confusion matrix: true class against the answer", y=0.99, yanchor="top"),
                          xaxis=dict(title="predicted class", type="category", side="top"),
                          yaxis=dict(title="true class", type="category", autorange="reversed"),
-                         height=min(900, max(380, 48 * len(classes) + 160)), margin=dict(t=90, b=10))
+                         # 50 px more than the squares need for the title above the top axis: the clickable
+                         # markers are sized for squares of this height and must not overlap.
+                         height=min(950, max(430, 48 * len(classes) + 210)), margin=dict(t=90, b=10))
     return figure
 
 
