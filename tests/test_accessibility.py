@@ -12,7 +12,7 @@ finished runs (Evaluate with a confusion-matrix cell chosen, Compare, Predict wi
 shown, Demo with an answer, Export, and three pages in the dark theme). The keyboard-only test
 then chooses the built-in sample, starts a run (Monitor is audited while it runs), opens
 Evaluate, chooses a confusion-matrix cell and predicts an image with Tab, arrows, Enter and
-Space alone, checking at every key that the focus can be seen.
+Space (and typing into fields), checking at every key that the focus can be seen.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def test_every_page_without_runs_has_no_serious_finding(dashboard, browser_page)
     for title in PAGES:
         visit(browser_page, url, title)
         findings += audit(browser_page, f"{title} (no runs)")
-    print(describe(findings))
+    print(describe(findings))  # every finding, moderate and minor too, for `pytest -s`
     assert not blocking(findings), "\n" + describe(blocking(findings))
 
 
@@ -202,7 +202,7 @@ def test_every_page_with_runs_has_no_serious_finding(dashboard, browser_page, ru
     page.get_by_role("heading", name=re.compile(r"^(This looks like|Not sure)")).wait_for(timeout=60000)
     wait_until_drawn(page, "Demo")
     findings += audit(page, "Demo (an answer shown)")
-    print(describe(findings))
+    print(describe(findings))  # every finding, moderate and minor too, for `pytest -s`
     assert not blocking(findings), "\n" + describe(blocking(findings))
 
 
@@ -234,7 +234,7 @@ def test_pages_in_the_dark_theme_have_no_serious_finding(dashboard, browser, run
         assert sum(int(value) for value in re.findall(r"\d+", background)[:3]) < 150, background
         findings += audit(page, f"{title} (dark theme)")
     page.context.close()
-    print(describe(findings))
+    print(describe(findings))  # every finding, moderate and minor too, for `pytest -s`
     assert not blocking(findings), "\n" + describe(blocking(findings))
 
 
