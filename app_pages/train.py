@@ -14,7 +14,7 @@ from engine.ingest import resolve_in_roots
 from engine.locations import data_roots, presets_dir
 from app_pages import train_experiments as experiments
 from signin import page_user
-from ui import access_limits, runs_root, secret_data_roots
+from ui import access_limits, keyboard_focus_styles, runs_root, secret_data_roots
 
 DEFAULT_SIZE = 0  # shown as "backbone default"
 SETTINGS = {declared.name: declared for declared in settings()}
@@ -273,6 +273,7 @@ def applied_config():
 
 
 user = page_user()  # first: nothing of this page is drawn for a visitor who is not signed in
+keyboard_focus_styles()
 st.title("Train")
 try:
     st.caption(where_runs_execute())

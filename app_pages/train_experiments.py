@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -19,7 +20,7 @@ from engine.backbones import BACKBONES, WeightsUnavailableError, check_imagenet_
 from engine.config import RunConfig
 from engine.sweeps import MAXIMUM_RUNS, expand, parse_grid, start_sweep
 from engine.users import User
-from ui import access_limits, runs_root
+from ui import PALETTE, access_limits, chart_with_table, runs_root
 
 # Where the finder's last result is kept, so it survives the reruns that every click makes.
 RESULT_KEY = "lr_finder_result"
@@ -286,9 +287,9 @@ def rate_figure(result: dict) -> go.Figure:
     """The loss and the smoothed loss against the learning rate (log axis), the suggestion marked."""
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=result["learning_rates"], y=result["losses"], mode="lines", name="loss (each step)",
-                                line=dict(width=1, color="#9aa5b1")))
+                                line=dict(width=1, color=PALETTE[5], dash="dot")))
     figure.add_trace(go.Scatter(x=result["learning_rates"], y=result["smoothed"], mode="lines", name="smoothed loss",
-                                line=dict(width=3, color="#1f77b4")))
+                                line=dict(width=3, color=PALETTE[0])))
     layout = dict(title="Learning-rate range test: the training loss as the rate grows", height=380,
                   xaxis=dict(type="log", title="learning rate (log scale)", exponentformat="e"),
                   yaxis=dict(title="training loss", rangemode="tozero"),
@@ -298,7 +299,7 @@ def rate_figure(result: dict) -> go.Figure:
         layout["yaxis"]["range"] = [0, 1.15 * max(result["smoothed"])]
     if result["suggested"] is not None:
         layout["shapes"] = [dict(type="line", xref="x", x0=result["suggested"], x1=result["suggested"],
-                                 yref="y domain", y0=0, y1=1, line=dict(dash="dash", color="#2ca02c"))]
+                                 yref="y domain", y0=0, y1=1, line=dict(dash="dash", color=PALETTE[1]))]
         layout["annotations"] = [dict(xref="x", x=math.log10(result["suggested"]), yref="y domain", y=1,
                                       text=f"suggested {result['suggested']:.1e}", showarrow=False,
                                       xanchor="left", yanchor="top")]
@@ -322,10 +323,10 @@ def draw_rate_result(disabled: bool = False) -> None:
                 f"Measured on {where}, {result['steps']} steps"
                 f"{' (stopped once the loss blew up)' if result['stopped_early'] else ''}; "
                 f"the form's rate when you pressed the button: {result['current_rate']:g}.")
-    st.plotly_chart(rate_figure(result), key="lr_finder_chart")
-    with st.expander("The curve's numbers"):
-        st.dataframe({"learning rate": result["learning_rates"], "loss": result["losses"],
-                      "smoothed loss": result["smoothed"]}, hide_index=True,
-                     column_config={"learning rate": st.column_config.NumberColumn(format="%.2e")})
+    chart_with_table(rate_figure(result), "lr_finder_chart",
+                     f"The training loss against the learning rate on a log scale; the smoothed loss is lowest at "
+                     f"{result['minimum_at']:.1e} and the suggested rate {suggested:g} is marked.",
+                     pd.DataFrame({"learning rate": result["learning_rates"], "loss": result["losses"],
+                                   "smoothed loss": result["smoothed"]}))
     st.button(f"Use this rate ({suggested:g})", key="use_learning_rate", on_click=use_rate, args=(suggested,),
               disabled=disabled, help="Writes it into the form's learning rate (Phase 1).")
