@@ -35,7 +35,10 @@ def train(data: Path, runs_dir: Path, keras_home: Path, gpus: int, env: dict | N
     trained = run_cli("train", "--data", data, "--backbone", "MobileNet", "--alpha", "0.25", "--image-size", "64",
                       "--epochs", "3", "--batch-size", "32", "--learning-rate", "0.01", "--dropout", "0",
                       "--fine-tune-layers", "10", "--fine-tune-epochs", "1", "--fine-tune-learning-rate", "0.0001",
-                      "--gpus", gpus, "--runs-dir", runs_dir, "--quiet", *extra,
+                      "--gpus", gpus, "--runs-dir", runs_dir, "--quiet",
+                      # Both fine-tune end to end: several devices always do, and one device would
+                      # otherwise train on float16 cached activations (not the same arithmetic).
+                      "--set", "fine_tuning.cached_activations=false", *extra,
                       env={"KERAS_HOME": str(keras_home), **(env or {})})
     assert trained.returncode == 0, trained.stderr[-3000:]
     return Path(trained.stdout.strip().splitlines()[-1])
