@@ -776,15 +776,8 @@ def _cached_activations(training: Training, model, cut, check_stop: Callable[[],
              + (f" ({views} augmented views of each training image)." if views else "."))
         extractor = build_activation_extractor(model, cut)
         augmentation = model.get_layer("augmentation") if views else None
-        done, began = [0], time.time()
-
-        def progress(count):
-            check_stop()
-            done[0] += count
-            rate = done[0] / max(time.time() - began, 1e-9)
-            status.update(message=f"Computing activations: {done[0]}/{total} images ({rate:.0f}/s).",
-                          images_per_second=round(rate, 1), eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
-
+        began = time.time()
+        progress = _counting_progress(status, check_stop, "Computing activations", total)
         for job in missing:
             job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress,
                                          dtype=ACTIVATION_DTYPE)
@@ -887,17 +880,8 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
              f"Computing {config.model.backbone} features of {total} images once "
              f"({views} augmented views of each training image)." if views else
              f"Computing {config.model.backbone} features of {total} images once.")
-        done = [0]
         began = time.time()
-
-        def progress(count):
-            check_stop()
-            done[0] += count
-            rate = done[0] / max(time.time() - began, 1e-9)
-            status.update(message=f"Computing features: {done[0]}/{total} images ({rate:.0f}/s).",
-                          images_per_second=round(rate, 1),
-                          eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
-
+        progress = _counting_progress(status, check_stop, "Computing features", total)
         for job in missing:
             job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress)
             save_cached_features(job.key, job.array)
@@ -912,6 +896,21 @@ def _cached_features(config: RunConfig, data: PreparedData, full_model, status: 
     if views:
         features["train"] = jobs[1].array
     return features
+
+
+def _counting_progress(status: LaunchStatus, check_stop: Callable[[], None], what: str, total: int):
+    """A `compute_features` progress callback: checks for a stop, then writes "WHAT: done/total images (rate/s)"
+    with the rate and the time left into the status."""
+    done, began = [0], time.time()
+
+    def progress(count):
+        check_stop()
+        done[0] += count
+        rate = done[0] / max(time.time() - began, 1e-9)
+        status.update(message=f"{what}: {done[0]}/{total} images ({rate:.0f}/s).", images_per_second=round(rate, 1),
+                      eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
+
+    return progress
 
 
 @dataclass
