@@ -60,13 +60,11 @@ def report(**values):
     print("BENCH_RESULT " + json.dumps(values), flush=True)
 '''
 
-RECIPE_CHILD = CHILD_PRELUDE + r'''
-from engine.backbones import build_base, get_backbone
-from engine.layers import build_preprocessing
-
-backbone, alpha, epochs, data, work = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-learning_rate, seed = float(sys.argv[6]), int(sys.argv[7])
-started = time.perf_counter()
+# The recipes' pipeline up to the compiled model: JPEGs read by `image_dataset_from_directory` every
+# epoch, the frozen base inside the model. Needs `backbone`, `alpha`, `data`, `seed` and
+# `learning_rate` defined; leaves `train`, `validation`, `base` and `model`. Also used by
+# bench/fine_tuning.py.
+RECIPE_MODEL = r'''
 train = keras.utils.image_dataset_from_directory(os.path.join(data, "train"), image_size=(224, 224), batch_size=32,
                                                  label_mode="binary", seed=seed)
 validation = keras.utils.image_dataset_from_directory(os.path.join(data, "validation"), image_size=(224, 224),
@@ -83,6 +81,16 @@ x = keras.layers.Dropout(0.2)(x)
 outputs = keras.layers.Dense(1, activation="sigmoid")(x)
 model = keras.Model(inputs, outputs)
 model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="binary_crossentropy", metrics=["accuracy"])
+'''
+
+RECIPE_CHILD = CHILD_PRELUDE + r'''
+from engine.backbones import build_base, get_backbone
+from engine.layers import build_preprocessing
+
+backbone, alpha, epochs, data, work = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+learning_rate, seed = float(sys.argv[6]), int(sys.argv[7])
+started = time.perf_counter()
+''' + RECIPE_MODEL + r'''
 history = model.fit(train, validation_data=validation, epochs=epochs, verbose=0)
 model.save(os.path.join(work, "recipe.keras"))
 seconds = time.perf_counter() - started

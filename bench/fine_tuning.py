@@ -11,7 +11,8 @@ empty cache (so the engine pays for decoding, features and activations):
   end to end   the engine with `fine_tuning.cached_activations=false` (phase 2 as before issue 17);
   recipe 3     recipe 3's pipeline (`image_dataset_from_directory`, the frozen base inside
                `model.fit`, then the last N layers unfrozen and `fit` again), with its [0, 1]
-               rescaling corrected to the backbone's own preprocessing; seed 42 only.
+               rescaling corrected to the backbone's own preprocessing (the pipeline of
+               bench/cached_features.py, `RECIPE_MODEL`); seed 42 only.
 
 It prints, per backbone and seed: phase 2 seconds (from the first phase 2 log line, the
 activations' computation included, to "Saving the model"), the mean seconds of a phase 2 epoch,
@@ -32,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cached_features import CHILD_PRELUDE, DATA, REPO, SHARED, run_child  # noqa: E402
+from cached_features import CHILD_PRELUDE, DATA, RECIPE_MODEL, REPO, SHARED, run_child  # noqa: E402
 
 BACKBONES = {"MobileNet": {"alpha": 0.25, "layers": 20}, "EfficientNetLite0": {"alpha": None, "layers": 11}}
 HEAD_EPOCHS, FINE_TUNE_EPOCHS, HEAD_RATE, FINE_TUNE_RATE = 10, 5, 3e-3, 1e-5
@@ -70,24 +71,9 @@ from engine.layers import build_preprocessing
 
 backbone, alpha, layers, data, seed = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 head_epochs, fine_tune_epochs, head_rate, fine_tune_rate = json.loads(sys.argv[6])
+learning_rate = head_rate
 started = time.perf_counter()
-train = keras.utils.image_dataset_from_directory(os.path.join(data, "train"), image_size=(224, 224), batch_size=32,
-                                                 label_mode="binary", seed=seed)
-validation = keras.utils.image_dataset_from_directory(os.path.join(data, "validation"), image_size=(224, 224),
-                                                      batch_size=32, label_mode="binary", shuffle=False)
-train, validation = train.prefetch(tf.data.AUTOTUNE), validation.prefetch(tf.data.AUTOTUNE)
-keras.utils.set_random_seed(seed)
-base = build_base(backbone, 224, alpha, "imagenet")
-base.trainable = False
-inputs = keras.Input((224, 224, 3))
-# Recipe 3 rescales to [0, 1]; corrected here to the backbone's own preprocessing, as the engine uses.
-x = build_preprocessing(get_backbone(backbone).preprocess)(inputs)
-x = base(x, training=False)
-x = keras.layers.GlobalAveragePooling2D()(x)
-x = keras.layers.Dropout(0.2)(x)
-outputs = keras.layers.Dense(1, activation="sigmoid")(x)
-model = keras.Model(inputs, outputs)
-model.compile(optimizer=keras.optimizers.Adam(head_rate), loss="binary_crossentropy", metrics=["accuracy"])
+''' + RECIPE_MODEL + r'''
 model.fit(train, validation_data=validation, epochs=head_epochs, verbose=0)
 
 class EpochTimes(keras.callbacks.Callback):
