@@ -163,6 +163,26 @@ def build_activation_extractor(model, cut: Cut, fold: bool = True):
     return keras.Model(image, activations, name="activation_extractor")
 
 
+def build_features_and_activations_extractor(model, cut: Cut):
+    """raw image → preprocess → the base, batch norms folded → [pooled features, activations at the cut].
+
+    One pass through the frozen base gives phase 1 its features and phase 2 its activations,
+    which it would otherwise compute in a second pass (the activations are on the way).
+    """
+    import keras
+
+    from engine.folding import fold_batch_norms
+    from engine.modeling import BASE_LAYER_NAME, POOL_LAYER_NAME, PREPROCESS_LAYER_NAME
+
+    base = model.get_layer(BASE_LAYER_NAME)
+    both = keras.Model(base.inputs, [base.output, cut.tensor], name=f"{base.name}_and_cut")
+    both, _ = fold_batch_norms(both)
+    image = keras.Input(shape=model.input_shape[1:], name="image")
+    base_output, activations = both(model.get_layer(PREPROCESS_LAYER_NAME)(image), training=False)
+    features = model.get_layer(POOL_LAYER_NAME)(base_output)
+    return keras.Model(image, [features, activations], name="features_and_activations_extractor")
+
+
 def activation_cache_key(feature_key: Optional[str], cut: Cut) -> Optional[str]:
     """The cache key of activations at `cut`: the matching feature key (images, backbone, weights,
     preprocessing, rows, views and augmentation) plus the cut and the stored type."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -156,6 +157,23 @@ def build_feature_extractor(model, fold: bool = True):
     return keras.Model(image, features, name="feature_extractor")
 
 
+@dataclass
+class OutputTarget:
+    """One array `compute_outputs` fills from one of the extractor's outputs.
+
+    Attributes:
+        output: Which of the extractor's outputs (0 for a single-output extractor).
+        rows: Indices into the `positions` computed whose results are kept, in the order
+            wanted; None keeps every position. (One pass over every image a run uses can
+            then keep the activations of its training and validation images only.)
+        dtype: The stored type.
+    """
+
+    output: int = 0
+    rows: Optional[Sequence[int]] = None
+    dtype: object = np.float32
+
+
 def compute_features(
     extractor,
     images: np.ndarray,
@@ -168,7 +186,7 @@ def compute_features(
     """Runs the extractor over the images at `positions`, in large batches.
 
     Args:
-        extractor: From `build_feature_extractor`.
+        extractor: From `build_feature_extractor` (one output).
         images: (N, size, size, 3) uint8 image cache (may be memory-mapped).
         positions: Rows of `images` to compute, in the order wanted.
         augmentation: Keras augmentation layers applied (in training mode) before the
@@ -179,12 +197,43 @@ def compute_features(
         progress: Called with the number of images just finished, after every batch.
         dtype: The stored type (activations are kept in float16).
     """
+    return compute_outputs(extractor, images, positions, [OutputTarget(dtype=dtype)], augmentation, views,
+                           progress)[0]
+
+
+def compute_outputs(
+    extractor,
+    images: np.ndarray,
+    positions: list[int],
+    targets: Sequence[OutputTarget],
+    augmentation=None,
+    views: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> list[np.ndarray]:
+    """`compute_features` for an extractor with several outputs: one pass, an array per target.
+
+    Returns:
+        One array per target, in order: (len(rows), *output shape), or with `views`
+        (K, len(rows), *output shape).
+    """
     import tensorflow as tf
 
     batch_size = extraction_batch_size(images.shape[1])
-    item_shape = tuple(int(size) for size in extractor.output_shape[1:])
+    output_shapes = extractor.output_shape if len(extractor.outputs) > 1 else [extractor.output_shape]
     augment = augmentation is not None and views > 0
-    output = np.empty((max(views, 1), len(positions)) + item_shape, dtype=dtype)
+    positions = np.asarray(positions, dtype=np.int64)
+    arrays, slots = [], []
+    for target in targets:
+        item_shape = tuple(int(size) for size in output_shapes[target.output][1:])
+        kept = len(positions) if target.rows is None else len(target.rows)
+        arrays.append(np.empty((max(views, 1), kept) + item_shape, dtype=target.dtype))
+        if target.rows is None:
+            slots.append(None)
+        else:
+            # slot[i]: where position i's result goes in this target's array, -1 when it is not kept.
+            slot = np.full(len(positions), -1, dtype=np.int64)
+            slot[np.asarray(target.rows, dtype=np.int64)] = np.arange(kept)
+            slots.append(slot)
 
     # One traced function for every batch and view: a short last batch is padded to the full
     # size (and the padding's features dropped), since a new shape would cost a second trace.
@@ -193,11 +242,11 @@ def compute_features(
         batch = tf.cast(batch, tf.float32)
         if augment:
             batch = augmentation(batch, training=True)
-        return extractor(batch, training=False)
+        outputs = extractor(batch, training=False)
+        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
     from engine.pipeline import RELEASE_EVERY_IMAGES, release_mapped_pages
 
-    positions = np.asarray(positions, dtype=np.int64)
     read = 0
     for view in range(max(views, 1)):
         for start in range(0, len(positions), batch_size):
@@ -210,10 +259,17 @@ def compute_features(
                 release_mapped_pages(images)
             if len(rows) < batch_size and len(positions) > batch_size:
                 batch = np.concatenate([batch, np.zeros((batch_size - len(rows),) + batch.shape[1:], batch.dtype)])
-            output[view, start:start + len(rows)] = run(batch).numpy()[:len(rows)]
+            results = [output.numpy()[:len(rows)] for output in run(batch)]
+            for target, array, slot in zip(targets, arrays, slots):
+                if slot is None:
+                    array[view, start:start + len(rows)] = results[target.output]
+                else:
+                    batch_slots = slot[start:start + len(rows)]
+                    kept = batch_slots >= 0
+                    array[view, batch_slots[kept]] = results[target.output][kept]
             if progress is not None:
                 progress(len(rows))
-    return output if views else output[0]
+    return arrays if views else [array[0] for array in arrays]
 
 
 def make_feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool = False,

@@ -81,6 +81,10 @@ def _foldable_pairs(base) -> dict:
             continue
         if convolution.get_config().get("activation", "linear") != "linear":
             continue
+        # The model hands the convolution's raw output out (a fine-tuning cut between it and
+        # its batch norm): folding would hand out the normalised output instead.
+        if any(output is convolution.output for output in base.outputs):
+            continue
         if convolution.get_config().get("data_format", "channels_last") != "channels_last":
             continue
         pairs[layer.name] = convolution
