@@ -541,9 +541,13 @@ def _train_phases(training: Training, resume: ResumePoint, check_stop) -> tuple[
     checkpointed = _load_checkpoint(training, resume)
     full_model = FullModel(training, checkpointed if resume.model_kind == "full" else None)
 
-    head, features = None, {}
+    head, features, activations = None, {}, None
     if resume.phase == 1 and config.training.cached_features:
-        head, features, result = train_head_on_features(training, resume, checkpointed, full_model, check_stop)
+        # Where phase 2 will cut the base, if it will train on cached activations: phase 1's
+        # feature pass then computes them on the way (engine.frozen_passes).
+        planned_cut = _activation_cut(training, full_model, None)[0] if fine_tuning.enabled else None
+        head, features, activations, result = train_head_on_features(training, resume, checkpointed, full_model,
+                                                                     check_stop, planned_cut)
         model = full_model()
         from engine.modeling import copy_head_weights
 
@@ -562,7 +566,8 @@ def _train_phases(training: Training, resume: ResumePoint, check_stop) -> tuple[
 
     fine_tuned = False
     if fine_tuning.enabled and not result.stopped:
-        result, fine_tuned = fine_tune(training, model, result.epochs_done, phase1_epochs, check_stop, checkpointed_top)
+        result, fine_tuned = fine_tune(training, model, result.epochs_done, phase1_epochs, check_stop, checkpointed_top,
+                                       activations)
 
     training.say(Stage.SAVING, "Saving the model.")
     save_model_atomically(model, run_dir / runfiles.MODEL_FILE)
@@ -634,18 +639,23 @@ def _image_data(training: Training, split: str, shuffle: bool, epochs_done: int)
 
 
 def train_head_on_features(training: Training, resume: ResumePoint, checkpointed, full_model: FullModel,
-                           check_stop: Callable[[], None]):
+                           check_stop: Callable[[], None], planned_cut=None):
     """Phase 1 on cached features: the frozen base runs once per image, the head trains on its output.
 
+    Args:
+        planned_cut: Where phase 2 will cut the base for cached activations, or None.
+
     Returns:
-        (the trained head, the features per split, how far training got).
+        (the trained head, the features per split, phase 2's activations when the feature
+        pass computed them too (else None), how far training got).
     """
     from engine.features import make_feature_dataset
+    from engine.frozen_passes import cached_features
     from engine.modeling import build_head, compile_model
 
     config, data = training.config, training.data
     settings = config.training
-    features = _cached_features(config, data, full_model, training.status, training.echo, check_stop)
+    features, activations = cached_features(training, full_model, check_stop, planned_cut)
     if checkpointed is not None:
         head = checkpointed
     else:
@@ -655,7 +665,7 @@ def train_head_on_features(training: Training, resume: ResumePoint, checkpointed
         compile_model(head, settings.optimizer, settings.learning_rate, training.num_classes,
                       steps_per_execution=HEAD_STEPS_PER_EXECUTION if training.replicas == 1 else 1)
     if resume.epochs_done >= settings.epochs:
-        return head, features, PhaseResult(resume.epochs_done)
+        return head, features, activations, PhaseResult(resume.epochs_done)
     training.say(Stage.TRAINING_HEAD,
                  f"Phase 1: training the new head on cached features for epochs {resume.epochs_done + 1}–"
                  f"{settings.epochs} on {len(data.positions['train'])} images.")
@@ -669,7 +679,7 @@ def train_head_on_features(training: Training, resume: ResumePoint, checkpointed
                                            binary=training.binary)
     result = _fit(training, head, train_data, validation_data, 1, resume.epochs_done, settings.epochs, "head", None,
                   keras_callbacks(config, training.run_dir, full_model), training.planned_epochs)
-    return head, features, result
+    return head, features, activations, result
 
 
 def train_head_end_to_end(training: Training, resume: ResumePoint, model) -> PhaseResult:
@@ -688,13 +698,15 @@ def train_head_end_to_end(training: Training, resume: ResumePoint, model) -> Pha
 
 
 def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int,
-              check_stop: Callable[[], None] = lambda: None, checkpointed_top=None) -> tuple[PhaseResult, bool]:
+              check_stop: Callable[[], None] = lambda: None, checkpointed_top=None,
+              activations: Optional[dict] = None) -> tuple[PhaseResult, bool]:
     """Phase 2: unfreeze the base's last layers (BatchNorm stays frozen) and train on at a low learning rate.
 
     On cached activations at the cut when it can (`engine.activations`), otherwise end to end.
 
     Args:
         checkpointed_top: A resumed run's phase 2 model above the cut (with its optimizer state).
+        activations: The activations at the cut, when phase 1's feature pass computed them.
 
     Returns:
         (how far training got, whether any fine-tuning epoch was due).
@@ -709,9 +721,12 @@ def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int,
     what = (f"Phase 2: fine-tuning the last {fine_tuning.layers} layers of the base ({unfrozen} with weights; "
             f"BatchNorm stays frozen) at learning rate {fine_tuning.learning_rate:g}, "
             f"epochs {epochs_done + 1}–{final_epoch}")
-    cut, reason = _activation_cut(training, model, checkpointed_top)
+    cut, reason = _activation_cut(training, lambda: model, checkpointed_top)
     if cut is not None:
-        activations = _cached_activations(training, model, cut, check_stop)
+        if activations is None:
+            from engine.frozen_passes import cached_activations
+
+            activations = cached_activations(training, model, cut, check_stop)
         if activations is not None:
             return _fine_tune_on_activations(training, model, cut, activations, what, epochs_done, final_epoch,
                                              phase1_epochs, checkpointed_top), True
@@ -724,8 +739,12 @@ def fine_tune(training: Training, model, epochs_done: int, phase1_epochs: int,
     return result, True
 
 
-def _activation_cut(training: Training, model, checkpointed_top) -> tuple:
-    """(the cut, None) when phase 2 can train on cached activations; (None, why not) otherwise."""
+def _activation_cut(training: Training, full_model: Callable, checkpointed_top) -> tuple:
+    """(the cut, None) when phase 2 can train on cached activations; (None, why not) otherwise.
+
+    Args:
+        full_model: Returns the full model; called only once the settings allow cached activations.
+    """
     from engine.activations import find_cut
     from engine.modeling import BASE_LAYER_NAME
 
@@ -736,54 +755,13 @@ def _activation_cut(training: Training, model, checkpointed_top) -> tuple:
         return None, "fine_tuning.cached_activations is off"
     if training.replicas > 1:
         return None, "cached activations are not yet used with several devices"
-    base = model.get_layer(BASE_LAYER_NAME)
+    base = full_model().get_layer(BASE_LAYER_NAME)
     cut = find_cut(base, config.fine_tuning.layers)
     if cut.index <= 1:
         return None, "the unfrozen layers reach the base's input, so there is nothing frozen to compute once"
     if checkpointed_top is not None and checkpointed_top.input_shape[1:] != cut.shape:
         return None, "the checkpoint was made at another cut"
     return cut, None
-
-
-def _cached_activations(training: Training, model, cut, check_stop: Callable[[], None]) -> Optional[dict]:
-    """{"train": (N, H, W, C) or (K, N, H, W, C) views, "validation": (N, H, W, C)} at the cut, float16.
-
-    From the cache or computed once now; None when they would not fit the cache budget.
-    """
-    from engine import caches
-    from engine.activations import (ACTIVATION_DTYPE, activation_cache_key, build_activation_extractor,
-                                    fits_the_budget)
-    from engine.features import compute_features, feature_cache_key, load_cached_features, save_cached_features
-
-    config, data, status = training.config, training.data, training.status
-    views = config.augmentation.views if config.augmentation.enabled else 0
-    image_key = data.image_key if config.data.cache == "disk" else None
-    train_rows, validation_rows = data.positions["train"], data.positions["validation"]
-    jobs = {"validation": FeatureJob(validation_rows, 0), "train": FeatureJob(train_rows, views)}
-    if not fits_the_budget(cut, len(validation_rows) + len(train_rows) * max(1, views), caches.budget_bytes()):
-        return None
-    for job in jobs.values():
-        job.key = activation_cache_key(feature_cache_key(image_key, config, job.positions, job.views), cut)
-        job.array = load_cached_features(job.key, memory_map=True)
-    missing = [job for job in jobs.values() if job.array is None]
-    total = sum(len(job.positions) * max(1, job.views) for job in missing)
-    where = f"the output of {cut.producer} {'×'.join(map(str, cut.shape))}"
-    if not total:
-        _say(status, training.echo, Stage.COMPUTING_FEATURES, f"Activations at {where} found in the cache.")
-    else:
-        _say(status, training.echo, Stage.COMPUTING_FEATURES,
-             f"Computing the frozen layers' output ({where}) of {total} images once"
-             + (f" ({views} augmented views of each training image)." if views else "."))
-        extractor = build_activation_extractor(model, cut)
-        augmentation = model.get_layer("augmentation") if views else None
-        began = time.time()
-        progress = _counting_progress(status, check_stop, "Computing activations", total)
-        for job in missing:
-            job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress,
-                                         dtype=ACTIVATION_DTYPE)
-            save_cached_features(job.key, job.array)
-        logger.info("Activations of %d images computed in %.1f s.", total, time.time() - began)
-    return {split: job.array for split, job in jobs.items()}
 
 
 def _fine_tune_on_activations(training: Training, model, cut, activations: dict, what: str, epochs_done: int,
@@ -845,82 +823,6 @@ def evaluate_run(training: Training, model, head, features: dict) -> float:
         split_results[split] = (data.paths[split], data.labels[split], probabilities)
     evaluation = write_evaluation(training.run_dir, data.class_names, split_results)
     return evaluation["splits"]["validation"]["accuracy"]
-
-
-def _cached_features(config: RunConfig, data: PreparedData, full_model, status: LaunchStatus, echo,
-                     check_stop) -> dict:
-    """The frozen base's pooled features per split, from the cache or computed once now.
-
-    Returns:
-        {split: (N, D) features} for the splits that have images; with augmentation, "train"
-        holds (K, N, D) augmented views.
-    """
-    from engine.features import (build_feature_extractor, compute_features, feature_cache_key,
-                                 load_cached_features, save_cached_features)
-
-    views = config.augmentation.views if config.augmentation.enabled else 0
-    image_key = data.image_key if config.data.cache == "disk" else None
-    # The un-augmented features of every image the run uses, by image-cache row: another
-    # split, seed or head of the same folder finds them under the same key. With
-    # augmentation, also K augmented views of the training images.
-    used_rows = sorted({row for rows in data.positions.values() for row in rows})
-    jobs = [FeatureJob(used_rows, 0)]
-    if views:
-        jobs.append(FeatureJob(data.positions["train"], views))
-    for job in jobs:
-        job.key = feature_cache_key(image_key, config, job.positions, job.views)
-        job.array = load_cached_features(job.key)
-    missing = [job for job in jobs if job.array is None]
-    total = sum(len(job.positions) * max(1, job.views) for job in missing)
-    if total:
-        model = full_model()
-        extractor = build_feature_extractor(model)
-        augmentation = model.get_layer("augmentation") if views else None
-        _say(status, echo, Stage.COMPUTING_FEATURES,
-             f"Computing {config.model.backbone} features of {total} images once "
-             f"({views} augmented views of each training image)." if views else
-             f"Computing {config.model.backbone} features of {total} images once.")
-        began = time.time()
-        progress = _counting_progress(status, check_stop, "Computing features", total)
-        for job in missing:
-            job.array = compute_features(extractor, data.images, job.positions, augmentation, job.views, progress)
-            save_cached_features(job.key, job.array)
-        seconds = time.time() - began
-        logger.info("Features of %d images computed in %.1f s (%.0f images/s).", total, seconds,
-                    total / max(seconds, 1e-9))
-    else:
-        _say(status, echo, Stage.COMPUTING_FEATURES, "Backbone features found in the cache; nothing to compute.")
-    index_of_row = {row: index for index, row in enumerate(used_rows)}
-    features = {split: jobs[0].array[[index_of_row[row] for row in rows]]
-                for split, rows in data.positions.items() if rows}
-    if views:
-        features["train"] = jobs[1].array
-    return features
-
-
-def _counting_progress(status: LaunchStatus, check_stop: Callable[[], None], what: str, total: int):
-    """A `compute_features` progress callback: checks for a stop, then writes "WHAT: done/total images (rate/s)"
-    with the rate and the time left into the status."""
-    done, began = [0], time.time()
-
-    def progress(count):
-        check_stop()
-        done[0] += count
-        rate = done[0] / max(time.time() - began, 1e-9)
-        status.update(message=f"{what}: {done[0]}/{total} images ({rate:.0f}/s).", images_per_second=round(rate, 1),
-                      eta_seconds=round((total - done[0]) / max(rate, 1e-9), 1))
-
-    return progress
-
-
-@dataclass
-class FeatureJob:
-    """One feature array: its image rows, its augmented views (0 = none), its cache key and contents."""
-
-    positions: list
-    views: int
-    key: Optional[str] = None
-    array: Optional[np.ndarray] = None
 
 
 def _class_weights(train_labels: np.ndarray, num_classes: int) -> dict:
