@@ -36,8 +36,10 @@ run: $(VENV)/.runtime-installed browser-runtime
 	TRANSFER_STUDIO_DATA_ROOTS="$${TRANSFER_STUDIO_DATA_ROOTS:-$(DATA_ROOTS)}" \
 		$(BIN)/python -m streamlit run streamlit_app.py --server.port $(PORT)
 
+# Two workers, each taking whole test files (--dist loadfile): much of the suite waits on browsers,
+# servers and child processes, and tests in one file that share a server stay on one worker.
 test: $(VENV)/.dev-installed browser-runtime
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The edit-test loop: no real training, no browser, no real data (about two minutes).
 test-fast: $(VENV)/.dev-installed
