@@ -21,7 +21,9 @@ from engine.status import LaunchStatus, Stage
 
 if TYPE_CHECKING:
     from engine.activations import Cut
-    from engine.train import Training
+
+# `training` below is engine.train.Training (its config, data, status and `say`); it is not
+# imported, not even for type checking, so that engine.train alone imports this module.
 
 logger = logging.getLogger("engine.train")
 
@@ -41,7 +43,7 @@ class FeatureJob:
         return len(self.positions) * max(1, self.views)
 
 
-def cached_features(training: "Training", full_model: Callable, check_stop: Callable[[], None],
+def cached_features(training, full_model: Callable, check_stop: Callable[[], None],
                     cut: Optional["Cut"] = None) -> tuple[dict, Optional[dict]]:
     """The frozen base's pooled features per split, from the cache or computed once now.
 
@@ -59,8 +61,7 @@ def cached_features(training: "Training", full_model: Callable, check_stop: Call
                                  load_cached_features, save_cached_features)
 
     config, data = training.config, training.data
-    views = config.augmentation.views if config.augmentation.enabled else 0
-    image_key = data.image_key if config.data.cache == "disk" else None
+    views, image_key = _views_and_image_key(training)
     # The un-augmented features of every image the run uses, by image-cache row: another
     # split, seed or head of the same folder finds them under the same key. With
     # augmentation, also K augmented views of the training images.
@@ -105,7 +106,7 @@ def cached_features(training: "Training", full_model: Callable, check_stop: Call
     return features, activations
 
 
-def _features_and_activations(training: "Training", model, cut: "Cut", feature_jobs: list, activation_jobs: dict,
+def _features_and_activations(training, model, cut: "Cut", feature_jobs: list, activation_jobs: dict,
                               augmentation, check_stop: Callable[[], None]) -> dict:
     """One pass over the images filling the feature jobs and the activation jobs; the activations per split.
 
@@ -152,7 +153,7 @@ def _features_and_activations(training: "Training", model, cut: "Cut", feature_j
     return {split: job.array for split, job in activation_jobs.items()}
 
 
-def cached_activations(training: "Training", model, cut: "Cut", check_stop: Callable[[], None]) -> Optional[dict]:
+def cached_activations(training, model, cut: "Cut", check_stop: Callable[[], None]) -> Optional[dict]:
     """{"train": (N, H, W, C) or (K, N, H, W, C) views, "validation": (N, H, W, C)} at the cut, float16.
 
     From the cache or computed once now; None when they would not fit the cache budget.
@@ -184,7 +185,7 @@ def cached_activations(training: "Training", model, cut: "Cut", check_stop: Call
     return {split: job.array for split, job in jobs.items()}
 
 
-def _activation_jobs(training: "Training", cut: "Cut") -> Optional[dict]:
+def _activation_jobs(training, cut: "Cut") -> Optional[dict]:
     """{"validation": job, "train": job} for the activations at `cut`, with what the cache holds
     loaded (memory-mapped); None when they would take more than their share of the cache budget."""
     from engine import caches
@@ -192,8 +193,7 @@ def _activation_jobs(training: "Training", cut: "Cut") -> Optional[dict]:
     from engine.features import feature_cache_key, load_cached_features
 
     config, data = training.config, training.data
-    views = config.augmentation.views if config.augmentation.enabled else 0
-    image_key = data.image_key if config.data.cache == "disk" else None
+    views, image_key = _views_and_image_key(training)
     jobs = {"validation": FeatureJob(data.positions["validation"], 0), "train": FeatureJob(data.positions["train"],
                                                                                            views)}
     if not fits_the_budget(cut, sum(job.images for job in jobs.values()), caches.budget_bytes()):
@@ -202,6 +202,14 @@ def _activation_jobs(training: "Training", cut: "Cut") -> Optional[dict]:
         job.key = activation_cache_key(feature_cache_key(image_key, config, job.positions, job.views), cut)
         job.array = load_cached_features(job.key, memory_map=True)
     return jobs
+
+
+def _views_and_image_key(training) -> tuple[int, Optional[str]]:
+    """(the training images' augmented views, 0 without augmentation; the image cache's key, None
+    for an in-memory image cache, whose features and activations are not cached either)."""
+    config = training.config
+    views = config.augmentation.views if config.augmentation.enabled else 0
+    return views, training.data.image_key if config.data.cache == "disk" else None
 
 
 def _where(cut: "Cut") -> str:
